@@ -1,0 +1,182 @@
+"""Where distillation images come from. Each source builds a torch Dataset of [3, S, S] tensors.
+
+- ToyImages: the procedural toy world (distill.toy.world), deterministic from a seed.
+- ImageFolder: every image file below a folder (recursively).
+- ShardImages: webdataset tar shards (local paths, brace patterns or URLs), split across nodes and
+  DataLoader workers.
+
+Undecodable images and images smaller than `min_size` are skipped, counted and warned about (naming
+the file or shard member); they never stop a run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+Transform = Callable[[Image.Image], torch.Tensor]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class SkipCounter:
+    """Counts skipped samples (per process / worker) and warns with the reason."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def skip(self, where: str, why: str) -> None:
+        self.count += 1
+        warnings.warn(f"skipping {where}: {why} ({self.count} skipped so far in this worker)", stacklevel=2)
+
+
+def load_image(data: bytes | str | Path, where: str, min_size: int, skipped: SkipCounter) -> Image.Image | None:
+    """Decode an RGB image, or count and warn and return None when it is corrupt or too small."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            image = img.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt files
+        skipped.skip(where, f"undecodable image ({type(err).__name__}: {err}); remove or re-encode it")
+        return None
+    if min(image.size) < min_size:
+        skipped.skip(where, f"image {image.size[0]}x{image.size[1]} is smaller than min_size={min_size}")
+        return None
+    return image
+
+
+class ImageSource:
+    """Base class: `dataset(transform)` returns a Dataset whose items are transformed images or None."""
+
+    def dataset(self, transform: Transform) -> Dataset:
+        raise NotImplementedError
+
+
+class ToyImages(ImageSource):
+    """Images of the toy world.
+
+    Args:
+        seed: world seed (0 = training world; held-out images use another seed, e.g. 1000).
+        image_size: side of the generated images in pixels.
+        length: number of images in one epoch.
+    """
+
+    def __init__(self, seed: int = 0, image_size: int = 64, length: int = 10_000) -> None:
+        self.seed, self.image_size, self.length = seed, image_size, length
+
+    def dataset(self, transform: Transform) -> Dataset:
+        from distill.toy.world import ToyWorld
+
+        return _MappedImages(ToyWorld(seed=self.seed, image_size=self.image_size), self.length, transform)
+
+
+class _MappedImages(Dataset):
+    def __init__(self, world, length: int, transform: Transform) -> None:
+        self.world, self.length, self.transform = world, length, transform
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.world[index].image)
+
+
+class ImageFolder(ImageSource):
+    """All image files below a folder.
+
+    Args:
+        root: the folder (searched recursively for .jpg/.jpeg/.png/.webp/.bmp).
+        min_size: images whose shorter side is below this are skipped and counted.
+    """
+
+    def __init__(self, root: str, min_size: int = 16) -> None:
+        self.root, self.min_size = root, min_size
+
+    def dataset(self, transform: Transform) -> Dataset:
+        root = Path(self.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"Image folder {root} does not exist; set data.train.init_args.root to a folder of images.")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found below {root}.")
+        return _FolderDataset(files, transform, self.min_size)
+
+
+class _FolderDataset(Dataset):
+    def __init__(self, files: list[Path], transform: Transform, min_size: int) -> None:
+        self.files, self.transform, self.min_size = files, transform, min_size
+        self.skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        image = load_image(self.files[index], str(self.files[index]), self.min_size, self.skipped)
+        return None if image is None else self.transform(image)
+
+
+class ShardImages(ImageSource):
+    """Images from webdataset tar shards (`000000.tar` ... with `jpg`/`png` members).
+
+    Args:
+        urls: a shard path, brace pattern (``/data/shards/{000000..000099}.tar``), URL, or a list of them.
+        resampled: sample shards with replacement forever (training); False reads each shard once,
+            split across nodes and workers (validation).
+        shuffle_buffer: samples held in the shuffle buffer (0 disables shuffling).
+        min_size: images whose shorter side is below this are skipped and counted.
+        image_keys: member extensions tried in order for the image.
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        min_size: int = 16,
+        image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.resampled, self.shuffle_buffer, self.min_size, self.image_keys = resampled, shuffle_buffer, min_size, image_keys
+
+    def expanded_urls(self) -> list[str]:
+        """Brace-expand every pattern and check that local shards exist."""
+        import braceexpand
+
+        urls = [u for pattern in self.urls for u in braceexpand.braceexpand(pattern)]
+        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}; check data urls in the config."
+            )
+        return urls
+
+    def dataset(self, transform: Transform) -> IterableDataset:
+        import webdataset as wds
+
+        urls = self.expanded_urls()
+        skipped = SkipCounter()
+
+        def decode(sample: dict) -> torch.Tensor | None:
+            where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+            key = next((k for k in self.image_keys if k in sample), None)
+            if key is None:
+                skipped.skip(where, f"no image member among {self.image_keys}")
+                return None
+            image = load_image(sample[key], where, self.min_size, skipped)
+            return None if image is None else transform(image)
+
+        if self.resampled:
+            ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, handler=wds.warn_and_continue)
+        else:
+            ds = wds.WebDataset(
+                urls, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                shardshuffle=False, handler=wds.warn_and_continue, empty_check=False,
+            )
+        if self.shuffle_buffer:
+            ds = ds.shuffle(self.shuffle_buffer)
+        return ds.map(decode)
