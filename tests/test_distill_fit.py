@@ -96,6 +96,10 @@ def test_cli_fit_resume_and_export(tmp_path, tiny_teacher_files):
     config = write_config(tmp_path, tiny_teacher_files, max_steps=4)
     cli = lightning_cli(["fit", "-c", str(config)])
     assert cli.trainer.global_step == 4
+    from distill.checkpoint_io import AtomicCheckpointIO
+
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert (tmp_path / "run" / "config.yaml").is_file()  # every run keeps its config
     metrics = cli.trainer.callback_metrics
     for name in ("clip", "dino", "sam"):
         assert f"val/{name}/dense_cos" in metrics
