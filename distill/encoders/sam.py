@@ -1,0 +1,160 @@
+"""SAM image encoder (segment_anything) as a unitower teacher, plus `build_sam` for full Sam models.
+
+    sam = build_sam("tiny")                          # random tiny Sam (toy world, tests)
+    sam = build_sam("vit_b", "sam_vit_b_01ec64.pth") # official architecture + official checkpoint
+    enc = SamEncoder("vit_b", checkpoint="sam_vit_b_01ec64.pth").freeze()
+    out = enc(images)   # images [B,3,H,W] in [0,1]; out.summary None, out.dense [B,256,h,w]
+
+Preprocessing follows SamPredictor.set_image: resize the longest side to img_size (bilinear, as
+ResizeLongestSide does via PIL), normalize with Sam.pixel_mean/std on the 0-255 scale, pad bottom/right.
+The dense map is cropped to the patches that cover the unpadded image.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from distill.encoders.base import Encoder, EncoderOutput
+from distill.encoders.paths import describe_key_mismatch, load_state_dict, resolve_path
+
+
+def _build_tiny_sam() -> Sam:
+    """A small SAM (64 px, patch 8) with the official layout: toy world and tests."""
+    image_size, patch_size, prompt_dim = 64, 8, 64
+    grid = image_size // patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=96,
+            depth=4,
+            num_heads=3,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=4,
+            global_attn_indexes=(1, 3),
+            out_chans=prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=256, num_heads=2),
+            transformer_dim=prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=64,
+        ),
+    )
+
+
+# Each builder returns a randomly initialised Sam; weights are loaded by build_sam (weights_only).
+SAM_VARIANTS: dict[str, Callable[[], Sam]] = {
+    "vit_b": lambda: sam_model_registry["vit_b"](checkpoint=None),
+    "vit_l": lambda: sam_model_registry["vit_l"](checkpoint=None),
+    "vit_h": lambda: sam_model_registry["vit_h"](checkpoint=None),
+    "tiny": _build_tiny_sam,
+}
+
+
+def build_sam(variant: str, checkpoint: str | None = None) -> Sam:
+    """Build a full segment_anything Sam of `variant` (see SAM_VARIANTS), optionally loading a
+    plain state-dict checkpoint (.pth like the official files, or .safetensors; "toy:NAME" allowed).
+    Returned in eval mode."""
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"Unknown SAM variant '{variant}'. Choose one of {sorted(SAM_VARIANTS)}.")
+    checkpoint = resolve_path(checkpoint)
+    what = f"SAM variant '{variant}'"
+    state = load_state_dict(checkpoint, what) if checkpoint is not None else None  # fail before building
+    sam = SAM_VARIANTS[variant]()
+    if state is not None:
+        _load_strict(sam, state, checkpoint, what)
+    return sam.eval()
+
+
+def _load_strict(model: torch.nn.Module, state: dict, path: str, what: str) -> None:
+    """load_state_dict(strict) with an error that names missing / unexpected / misshapen keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(describe_key_mismatch(missing, unexpected, path, what))
+    misshapen = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if misshapen:
+        raise ValueError(
+            f"{what}: checkpoint '{path}' has tensors of the wrong shape (checkpoint vs model), e.g. "
+            f"{misshapen[:5]}. Check that the variant matches the checkpoint."
+        )
+    model.load_state_dict(state)
+
+
+class SamEncoder(Encoder):
+    """Frozen-teacher wrapper of SAM's image encoder.
+
+    Args:
+        variant: one of SAM_VARIANTS ('vit_b', 'vit_l', 'vit_h' official; 'tiny' for tests / toy world).
+        checkpoint: plain state-dict file of the full Sam (official .pth), or "toy:sam"; None = random init.
+        layer: -1 = neck output (dense_dim = out_chans); any other int = output of that image-encoder
+            block (python index into the block list, -2 = penultimate), channels = embed_dim, before the neck.
+    """
+
+    def __init__(self, variant: str = "vit_b", checkpoint: str | None = None, layer: int = -1) -> None:
+        super().__init__()
+        sam = build_sam(variant, checkpoint)
+        self.image_encoder: ImageEncoderViT = sam.image_encoder
+        self.register_buffer("pixel_mean", sam.pixel_mean.clone(), persistent=False)
+        self.register_buffer("pixel_std", sam.pixel_std.clone(), persistent=False)
+        depth = len(self.image_encoder.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"SamEncoder(variant='{variant}'): layer={layer} is outside the {depth} encoder blocks.")
+        self.layer = layer
+        self.image_size = self.image_encoder.img_size
+        self.patch_size = self.image_encoder.patch_embed.proj.kernel_size[0]
+        self.input_size = (self.image_size, self.image_size)
+        self.summary_dim = None
+        embed_dim = self.image_encoder.patch_embed.proj.out_channels
+        self.dense_dim = self.image_encoder.neck[0].out_channels if layer == -1 else embed_dim
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of an image of that size after ResizeLongestSide(img_size)."""
+        return ResizeLongestSide.get_preprocess_shape(height, width, self.image_size)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = self.resized_size(*images.shape[-2:])
+        pixels = images * 255.0
+        if (height, width) != tuple(images.shape[-2:]):
+            pixels = F.interpolate(pixels, (height, width), mode="bilinear", align_corners=False, antialias=True)
+        pixels = (pixels - self.pixel_mean) / self.pixel_std
+        return F.pad(pixels, (0, self.image_size - width, 0, self.image_size - height))
+
+    def encode(self, pixels: torch.Tensor) -> EncoderOutput:
+        """Features of the full padded grid (forward crops them to the image)."""
+        encoder = self.image_encoder
+        if self.layer == -1:
+            return EncoderOutput(summary=None, dense=encoder(pixels))
+        tokens = encoder.patch_embed(pixels)  # [B, h, w, C]
+        if encoder.pos_embed is not None:
+            tokens = tokens + encoder.pos_embed
+        last = self.layer % len(encoder.blocks)
+        for block in encoder.blocks[: last + 1]:
+            tokens = block(tokens)
+        return EncoderOutput(summary=None, dense=tokens.permute(0, 3, 1, 2))
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        output = super().forward(images)
+        height, width = self.resized_size(*images.shape[-2:])
+        rows, cols = math.ceil(height / self.patch_size), math.ceil(width / self.patch_size)
+        return EncoderOutput(summary=None, dense=output.dense[:, :, :rows, :cols])

@@ -1,0 +1,156 @@
+"""timm ViT (DINOv2, any timm VisionTransformer) as a unitower teacher.
+
+    enc = TimmEncoder("vit_large_patch14_dinov2.lvd142m", checkpoint="/models/dinov2_l.pth").freeze()
+    enc = TimmEncoder("local-dir:/models/dino")     # timm's folder format: config.json + model.safetensors
+    enc = TimmEncoder("toy:dino")                   # toy world teacher
+    out = enc(images)  # images [B,3,H,W] in [0,1]; out.summary = CLS [B,C] (None without one), out.dense [B,C,h,w]
+
+Preprocessing reproduces timm's eval transform (resolve_model_data_config + transforms_imagenet_eval:
+resize by crop_pct with the model's interpolation, center crop, normalize) with tensor ops.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from distill.encoders import resize as R
+from distill.encoders.base import Encoder, EncoderOutput
+from distill.encoders.paths import load_state_dict, require_dir, require_file, resolve_model_name, resolve_path
+
+
+class TimmEncoder(Encoder):
+    """Wrapper of a timm VisionTransformer read through `forward_intermediates`.
+
+    Args:
+        model_name: timm model name ('vit_large_patch14_dinov2.lvd142m'), 'local-dir:DIR' (timm folder with
+            config.json + model.safetensors), 'hf-hub:ORG/REPO', or 'toy:NAME' (toy world folder).
+        checkpoint: local weight file (.pth/.bin/.safetensors) loaded by timm via
+            pretrained_cfg_overlay=dict(file=checkpoint); 'toy:NAME' allowed. Implies pretrained.
+        pretrained: load the weights named by `model_name` (hub / local-dir / timm cache) when no checkpoint.
+        image_size: input size (square) to run at; None = the model's pretrained_cfg input size.
+        layer: -1 = tokens after the final norm (summary = CLS); other ints = output of that block
+            (python index, -2 = penultimate) without final norm, summary = CLS at that block.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        checkpoint: str | None = None,
+        pretrained: bool = False,
+        image_size: int | None = None,
+        layer: int = -1,
+    ) -> None:
+        super().__init__()
+        model_name = resolve_model_name(model_name)
+        checkpoint = resolve_path(checkpoint)
+        self.model = _create_timm(model_name, checkpoint, pretrained, image_size)
+        args = {} if image_size is None else {"input_size": (3, image_size, image_size)}
+        self.data_config = resolve_data_config(args, model=self.model)
+        self.input_size = tuple(self.data_config["input_size"][-2:])
+        num_blocks = len(self.model.blocks)
+        if not -num_blocks <= layer < num_blocks:
+            raise ValueError(f"TimmEncoder('{model_name}'): layer={layer} is outside its {num_blocks} blocks.")
+        self.layer = layer
+        self.patch_size = self.model.patch_embed.patch_size[0]
+        self.dense_dim = self.model.embed_dim
+        self.has_class_token = getattr(self.model, "cls_token", None) is not None
+        self.summary_dim = self.model.embed_dim if self.has_class_token else None
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.data_config
+        crop_pct = cfg.get("crop_pct") or 0.875
+        crop_mode = cfg.get("crop_mode") or "center"
+        interpolation = cfg.get("interpolation", "bilinear")
+        scale_size = tuple(math.floor(s / crop_pct) for s in self.input_size)
+        if crop_mode == "squash":
+            images = R.resize(images, scale_size, interpolation)
+        elif crop_mode == "center" and scale_size[0] == scale_size[1]:
+            images = R.resize_shortest(images, scale_size[0], interpolation)
+        else:
+            raise NotImplementedError(
+                f"TimmEncoder: crop_mode='{crop_mode}' with input size {self.input_size} is not reproduced yet; "
+                "use a model whose data config has crop_mode 'center' (square) or 'squash'."
+            )
+        images = R.center_crop(images, self.input_size)
+        return R.normalize(images, cfg["mean"], cfg["std"])
+
+    def encode(self, pixels: torch.Tensor) -> EncoderOutput:
+        final = self.layer == -1
+        (dense, prefix), = self.model.forward_intermediates(
+            pixels,
+            indices=[self.layer],
+            return_prefix_tokens=True,
+            norm=final,  # final norm on the last block's tokens = forward_features output
+            stop_early=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )
+        summary = prefix[:, 0] if self.has_class_token else None  # the class token comes first in timm ViTs
+        return EncoderOutput(summary=summary, dense=dense)
+
+
+def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, image_size: int | None) -> torch.nn.Module:
+    """timm.create_model with errors that say which name / file is wrong and what to do."""
+    source, identifier = timm.models.parse_model_name(model_name)
+    what = f"TimmEncoder('{model_name}')"
+    if source is None:
+        architecture = identifier.split(".")[0]
+        if not timm.is_model(architecture):
+            close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.5)
+            raise ValueError(
+                f"{what}: unknown timm model name. Close names: {close}. See timm.list_models(), "
+                "or pass 'local-dir:DIR' for a folder with config.json + model.safetensors."
+            )
+    elif source == "local-dir":
+        require_dir(identifier, what)
+    kwargs: dict = {"dynamic_img_size": True}  # any input size; pos embeds are interpolated by timm
+    if image_size is not None:
+        kwargs["img_size"] = image_size
+    if checkpoint is not None:
+        require_file(checkpoint, what)
+        kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint)
+        pretrained = True
+    elif source == "local-dir":
+        pretrained = True  # the folder's weights are the point of a local-dir name
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:
+        if not pretrained:
+            raise
+        # timm's checkpoint filters fail in varied ways on foreign weights; name the keys that differ as a hint
+        weights = checkpoint or _weights_in_dir(identifier)
+        hint = _key_difference_hint(model_name, weights, {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
+        raise ValueError(
+            f"{what}: the weights in '{weights}' do not fit the architecture (check the model name / config "
+            f"matches the checkpoint). {hint}Library message: {error}"
+        ) from error
+
+
+def _weights_in_dir(folder: str) -> str:
+    for name in ("model.safetensors", "pytorch_model.bin"):  # the names timm's local-dir loader looks for
+        if (Path(folder) / name).is_file():
+            return str(Path(folder) / name)
+    return folder
+
+
+def _key_difference_hint(model_name: str, weights: str, kwargs: dict) -> str:
+    """'Missing keys (e.g. ...), unexpected keys (e.g. ...). ' comparing the raw file with a fresh model."""
+    try:
+        state = load_state_dict(weights, "TimmEncoder")
+        expected = timm.create_model(model_name, pretrained=False, **kwargs).state_dict()
+    except Exception:  # the hint is best effort; the main error is raised by the caller
+        return ""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    return (
+        f"Compared with a fresh model the file has {len(missing)} missing keys (e.g. {missing[:5]}), "
+        f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]}), {len(misshapen)} keys of another shape "
+        f"(e.g. {misshapen[:5]}). "
+    )
