@@ -1,0 +1,63 @@
+"""Command line of the LLaVA stages.
+
+    python -m mllm fit -c configs/mllm/toy_clip_align.yaml
+    python -m mllm fit -c configs/mllm/toy_clip_finetune.yaml --model.init_from runs/.../align.ckpt
+    python -m mllm validate -c configs/mllm/toy_clip_finetune.yaml --ckpt_path last.ckpt
+    python -m mllm evaluate --ckpt last.ckpt [--limit 500] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from mllm.datamodule import LlavaDataModule
+from mllm.module import LlavaModule
+
+
+class LlavaCLI(LightningCLI):
+    """LightningCLI with the tokenizer and chat template shared by model and data."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.lm", "data.tokenizer")
+        parser.link_arguments("model.chat_template", "data.chat_template")
+
+
+def make_cli(args: list[str] | None = None, run: bool = True) -> LlavaCLI:
+    """Build the CLI (run=False only parses and instantiates, as the config tests do)."""
+    return LlavaCLI(LlavaModule, LlavaDataModule, args=args, run=run,
+                    save_config_kwargs={"overwrite": True})
+
+
+def evaluate_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mllm evaluate", description="Score a LLaVA checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `python -m mllm fit`")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many questions")
+    parser.add_argument("--num-images", type=int, default=100, help="toy held-out images (seed 1000)")
+    parser.add_argument("--json", default=None, help="LLaVA JSON with questions instead of the toy world")
+    parser.add_argument("--image-folder", default=None, help="images of --json")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    args = parser.parse_args(argv)
+    from mllm.data import LlavaJsonSource, ToySource
+    from mllm.evaluate import evaluate_checkpoint
+
+    source = (LlavaJsonSource(args.json, args.image_folder) if args.json
+              else ToySource(seed=1000, num_images=args.num_images, stage="finetune", image_size=args.image_size))
+    result = evaluate_checkpoint(args.ckpt, source, args.limit, args.image_size, args.max_new_tokens,
+                                 args.batch_size, out_json=args.out)
+    result.pop("examples", None)
+    print(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "evaluate":
+        evaluate_main(argv[1:])
+    else:
+        make_cli(argv)

@@ -1,0 +1,86 @@
+"""LightningDataModule for the LLaVA stages: a training source, an optional validation source, one tokenizer.
+
+    data = LlavaDataModule(train=ToySource(stage="align"), val=ToySource(seed=1000, num_images=100))
+
+The number of image tokens per image comes from the model's tower at setup (or `num_image_tokens`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from mllm.data import DataSource, SampleEncoder, ToySource, collate
+from mllm.loading import load_tokenizer
+
+
+class LlavaDataModule(L.LightningDataModule):
+    """Training / validation data of one LLaVA stage.
+
+    Args:
+        train: training source (ToySource, LlavaJsonSource, WebDataSource).
+        val: validation source (loss only); None = no validation.
+        tokenizer: the LM's tokenizer (folder, hub name or 'toy:lm'); the CLI links it to model.lm.
+        chat_template: template name/string; None = the tokenizer's own (CLI-linked to model.chat_template).
+        system_prompt: optional system message for every conversation.
+        max_length: max tokens per sample; longer ones are truncated (never inside image tokens) or skipped.
+        image_size: side images are resized to before the tower's own preprocessing.
+        pad_to_square: pad images to square first (LLaVA-1.5's 'pad' aspect mode).
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        num_image_tokens: tokens per image; None = read from the model's tower at setup.
+    """
+
+    def __init__(
+        self,
+        train: DataSource | None = None,
+        val: DataSource | None = None,
+        tokenizer: str = "toy:lm",
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        max_length: int = 512,
+        image_size: int = 64,
+        pad_to_square: bool = False,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        num_image_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_source = train if train is not None else ToySource()
+        self.val_source = val
+        self.tokenizer_spec = tokenizer
+        self.chat_template, self.system_prompt = chat_template, system_prompt
+        self.max_length, self.image_size, self.pad_to_square = max_length, image_size, pad_to_square
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_image_tokens = num_image_tokens
+        self.tokenizer = None
+        self.encoder: SampleEncoder | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.encoder is not None:
+            return
+        if self.num_image_tokens is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            if module is None:
+                raise ValueError("LlavaDataModule: set num_image_tokens, or attach it to a Trainer with a LlavaModule.")
+            self.num_image_tokens = module.model.tower.num_tokens
+        self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        self.encoder = SampleEncoder(self.tokenizer, self.num_image_tokens, self.max_length, self.image_size,
+                                     self.chat_template, self.system_prompt, self.pad_to_square)
+
+    def _loader(self, source: DataSource, shuffle: bool) -> DataLoader:
+        dataset = source.dataset(self.encoder)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            shuffle=shuffle and not isinstance(dataset, IterableDataset),
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_source, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_source is None else self._loader(self.val_source, shuffle=False)

@@ -1,0 +1,52 @@
+"""Load the causal LM and its tokenizer from a local folder, a hub name (online only) or "toy:lm".
+
+    path = resolve_lm_path("toy:lm")          # the toy world's LM folder (built by distill.toy.cache)
+    lm, tokenizer = load_lm("toy:lm"), load_tokenizer("toy:lm")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+TOY_PREFIX = "toy:"
+
+
+def resolve_lm_path(spec: str) -> str:
+    """'toy:NAME' -> the toy cache folder of NAME; anything else (folder or hub name) unchanged."""
+    if spec.startswith(TOY_PREFIX):
+        from distill.toy.cache import toy_path  # lazy: only toy specs need the toy cache
+
+        return str(toy_path(spec[len(TOY_PREFIX):]))
+    return spec
+
+
+def _check_local_lm(path: str) -> None:
+    """A path that looks local must be a Hugging Face model folder (else transformers would try the hub)."""
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(
+            f"LM folder '{path}' has no config.json; point `lm:` at a Hugging Face model folder "
+            "(save_pretrained output) or use 'toy:lm'."
+        )
+
+
+def load_lm(spec: str) -> nn.Module:
+    """AutoModelForCausalLM from `spec` (folder, hub name or 'toy:lm')."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_lm_path(spec)
+    _check_local_lm(path)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def load_tokenizer(spec: str):
+    """AutoTokenizer from `spec`; adds a pad token (= eos or unk) when the tokenizer has none, as LLaVA does."""
+    from transformers import AutoTokenizer
+
+    path = resolve_lm_path(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,168 @@
+"""LightningModule for the LLaVA-1.5 stages: wiring, freezing, optimizers, small checkpoints.
+
+Stages:
+    align     only the projector trains (caption data); the LM is frozen.
+    finetune  projector and LM train (or LoRA adapters via peft); starts from an align checkpoint
+              given as `init_from`.
+Separate learning rates for projector, LM and (if trainable) the tower; AdamW with linear warmup and
+cosine decay. Checkpoints hold only the trained parameters (frozen weights come from their own files).
+
+    module = LlavaModule(tower=SingleEncoderTower(enc), lm="toy:lm", stage="align")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+from mllm.loading import load_lm
+from mllm.model import LlavaModel
+from mllm.towers import VisionTower
+
+
+@dataclass
+class LoraOptions:
+    """LoRA on the LM through peft (finetune stage). r: rank; alpha: scale; dropout; target_modules: LM layer names."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class LlavaModule(L.LightningModule):
+    """One LLaVA training stage.
+
+    Args:
+        tower: the vision tower (SingleEncoderTower, EnsembleTower, StudentTower).
+        lm: causal LM folder, hub name, or 'toy:lm'.
+        projector: "linear" or "mlpNx_gelu" (LLaVA-1.5: "mlp2x_gelu").
+        stage: "align" (projector only) or "finetune" (projector + LM).
+        init_from: checkpoint (.ckpt of this module) whose weights are loaded first, e.g. the align stage's.
+        projector_lr: learning rate of the projector.
+        lm_lr: learning rate of the LM (finetune).
+        tower_lr: learning rate of the tower (only when the tower is trainable).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the training steps with linear warmup before cosine decay.
+        lora: LoRA options for the finetune stage; None = full finetuning.
+        chat_template: template name/string (CLI-linked to the data); None = the tokenizer's own.
+        gradient_checkpointing: recompute LM activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        tower: VisionTower,
+        lm: str = "toy:lm",
+        projector: str = "mlp2x_gelu",
+        stage: Literal["align", "finetune"] = "align",
+        init_from: str | None = None,
+        projector_lr: float = 1e-3,
+        lm_lr: float = 2e-5,
+        tower_lr: float = 2e-6,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        lora: LoraOptions | None = None,
+        chat_template: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if stage not in ("align", "finetune"):
+            raise ValueError(f"stage='{stage}' is unknown; use 'align' or 'finetune'.")
+        # Under LightningCLI the tower arrives as its config (kept, so load_from_checkpoint can rebuild it);
+        # a tower object passed directly is not a hyper-parameter.
+        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["tower"])
+        self.strict_loading = False  # checkpoints hold only trained weights
+        language_model = load_lm(lm)
+        if gradient_checkpointing:
+            language_model.gradient_checkpointing_enable()
+        self.model = LlavaModel(tower, language_model, projector)
+        if init_from:
+            load_trained_weights(self, init_from)
+        self.model.lm.requires_grad_(stage == "finetune" and lora is None)
+        self.model.lm.train(stage == "finetune")  # from_pretrained returns eval mode; a frozen LM stays there
+        if stage == "finetune" and lora is not None:
+            self.model.lm = _with_lora(self.model.lm, lora)
+        self.model.projector.requires_grad_(True)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"]).loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        if batch["num_skipped"]:
+            self.log("train/skipped", float(batch["num_skipped"]), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: projector, LM and tower trainable parameters, each with its own learning rate."""
+        hp = self.hparams
+        groups = []
+        for part, lr in ((self.model.projector, hp.projector_lr), (self.model.lm, hp.lm_lr), (self.model.tower, hp.tower_lr)):
+            params = [p for p in part.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": lr})
+        return groups
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.hparams.warmup_ratio * total))
+
+        def scale(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trained_parameter_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trained = self.trained_parameter_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        _check_keys(self, checkpoint["state_dict"], "checkpoint")
+
+
+def _with_lora(lm: torch.nn.Module, lora: LoraOptions) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model  # lazy: peft is only needed for LoRA
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(lm, config)
+
+
+def _check_keys(module: torch.nn.Module, state: dict, source: str) -> None:
+    """Raise if `state` has keys the module lacks or tensors whose shapes differ (e.g. a projector for another tower)."""
+    own = module.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} weights do not belong to this model (first: {unknown[:3]}); "
+                         "was it trained with another LM, projector or LoRA setting?")
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"{source}: weight shapes do not fit this model ({wrong[:3]}); the projector's input width "
+                         "must equal the tower's `dim` and its output the LM's hidden size.")
+
+
+def load_trained_weights(module: LlavaModule, path: str) -> None:
+    """Load a LlavaModule checkpoint's (trained-only) weights into `module`, e.g. the align stage's projector."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    _check_keys(module, state, f"init_from '{path}'")
+    module.load_state_dict(state, strict=False)

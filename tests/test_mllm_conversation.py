@@ -1,0 +1,85 @@
+"""Label masking, image-token expansion and truncation of LLaVA conversations (tests/test_mllm_conversation.py)."""
+
+import pytest
+
+from distill.toy.lm import build_toy_tokenizer
+from mllm.conversation import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    ConversationError,
+    prompt_ids,
+    tokenize_conversation,
+)
+
+# A record exactly as LLaVA releases it (llava_v1_5_mix665k.json style).
+RECORD = {
+    "id": "000000033471",
+    "image": "coco/train2017/000000033471.jpg",
+    "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"},
+        {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "Is there a square?"},
+        {"from": "gpt", "value": "No."},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_toy_tokenizer(["what color is the circle? red. is there a square? no."])
+
+
+def test_labels_only_on_answers_and_image_tokens_expanded(tokenizer):
+    ids, labels = tokenize_conversation(RECORD["conversations"], tokenizer, num_image_tokens=3, max_length=100,
+                                        num_images=1)
+    words = ["<s>", "user", ":", None, None, None, "what", "color", "is", "the", "circle", "?", "assistant", ":",
+             "red", ".", "</s>", "user", ":", "is", "there", "a", "square", "?", "assistant", ":", "no", ".", "</s>"]
+    assert len(ids) == len(words)
+    for position, word in enumerate(words):
+        expected = IMAGE_TOKEN_ID if word is None else tokenizer.convert_tokens_to_ids(word)
+        assert ids[position] == expected, position
+    answer_positions = {14, 15, 16, 26, 27, 28}  # "red . </s>" and "no . </s>"
+    for position, label in enumerate(labels):
+        assert label == (ids[position] if position in answer_positions else IGNORE_INDEX), position
+
+
+def test_placeholder_mismatch_is_rejected(tokenizer):
+    with pytest.raises(ConversationError, match="placeholder"):
+        tokenize_conversation(RECORD["conversations"], tokenizer, 3, 100, num_images=0)
+    no_placeholder = [{"from": "human", "value": "what color?"}, {"from": "gpt", "value": "red"}]
+    with pytest.raises(ConversationError, match="placeholder"):
+        tokenize_conversation(no_placeholder, tokenizer, 3, 100, num_images=1)
+
+
+def test_bad_roles_are_rejected(tokenizer):
+    with pytest.raises(ConversationError, match="alternate"):
+        tokenize_conversation([{"from": "gpt", "value": "red"}], tokenizer, 3, 100, num_images=0)
+    with pytest.raises(ConversationError, match="unknown speaker"):
+        tokenize_conversation([{"from": "bot", "value": "red"}], tokenizer, 3, 100, num_images=0)
+
+
+def test_truncation_keeps_image_tokens_and_cuts_text(tokenizer):
+    full, _ = tokenize_conversation(RECORD["conversations"], tokenizer, 3, 100, num_images=1)
+    ids, labels = tokenize_conversation(RECORD["conversations"], tokenizer, 3, max_length=20, num_images=1)
+    assert ids == full[:20] and len(labels) == 20
+    assert ids.count(IMAGE_TOKEN_ID) == 3
+    with pytest.raises(ConversationError, match="image tokens end"):  # would cut the image
+        tokenize_conversation(RECORD["conversations"], tokenizer, 3, max_length=5, num_images=1)
+    with pytest.raises(ConversationError, match="no answer token"):  # only the prompt would remain
+        tokenize_conversation(RECORD["conversations"], tokenizer, 3, max_length=12, num_images=1)
+
+
+def test_prompt_ends_at_answer_start(tokenizer):
+    ids = prompt_ids("what color is the circle?", tokenizer, 2, has_image=True)
+    full, labels = tokenize_conversation(RECORD["conversations"][:2], tokenizer, 2, 100, num_images=1)
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert ids == full[:first_answer]
+
+
+def test_vicuna_template_masks_answers():
+    from mllm.conversation import CHAT_TEMPLATES  # noqa: F401 - the named template is resolved by name
+
+    tokenizer = build_toy_tokenizer(["a chat between a curious human"])
+    ids, labels = tokenize_conversation(RECORD["conversations"][:2], tokenizer, 1, 200, 1, chat_template="vicuna_v1")
+    answer = [tokenizer.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert answer == ["<unk>", ".", "</s>"]  # "red" is out of this vocabulary; the answer span is still exact

@@ -1,0 +1,94 @@
+"""Data sources and batching: LLaVA JSON bad input, padding, webdataset shards, toy world (tests/test_mllm_data.py)."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from distill.toy.lm import build_toy_tokenizer
+from mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mllm.data import LlavaJsonSource, SampleEncoder, ToySource, WebDataSource, collate, load_llava_json
+from mllm.tiny import TINY_TEXTS, tiny_image, tiny_llava_records, write_llava_json
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SampleEncoder(build_toy_tokenizer(TINY_TEXTS), num_image_tokens=4, max_length=64, image_size=16)
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    records = tiny_llava_records(tmp_path, count=4)
+    records[1]["image"] = "missing.png"
+    records[2]["conversations"][0]["value"] = "no placeholder here"
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "<image> but no image"},
+                                                     {"from": "gpt", "value": "x"}]})
+    records.append("not a dict")
+    kept, skipped = load_llava_json(write_llava_json(records, tmp_path / "data.json"), tmp_path)
+    assert [r["id"] for r in kept] == ["0", "3"]
+    assert skipped == {"missing image": 1, "placeholder mismatch": 2, "malformed record": 1}
+
+
+def test_malformed_json_names_file_and_position(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"id": "0", "conversations": []},\n {"id": ')
+    with pytest.raises(ValueError, match=r"broken.json: malformed JSON at line 2"):
+        load_llava_json(path, tmp_path)
+    bad = write_llava_json([{"id": "0", "image": "x.png", "conversations": []}], tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"bad.json record 0: placeholder mismatch"):
+        load_llava_json(bad, tmp_path)
+
+
+def test_collate_pads_right_or_left_and_drops_bad_samples(tmp_path, encoder):
+    source = LlavaJsonSource(str(write_llava_json(tiny_llava_records(tmp_path, 3), tmp_path / "d.json")), str(tmp_path))
+    dataset = source.dataset(encoder)
+    text_only = encoder({"conversations": [{"from": "human", "value": "what color?"}, {"from": "gpt", "value": "red"}]}, None)
+    samples = [dataset[0], None, text_only]
+    batch = collate(samples, pad_token_id=0)
+    assert batch["num_skipped"] == 1 and batch["images"].shape == (1, 3, 16, 16)
+    n0, n1 = len(samples[0]["input_ids"]), len(text_only["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n0, n1))
+    assert batch["attention_mask"][1].tolist() == [1] * n1 + [0] * (max(n0, n1) - n1)
+    assert (batch["labels"][1, n1:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][0] == IMAGE_TOKEN_ID).sum() == 4
+    left = collate(samples, pad_token_id=0, padding_side="left")
+    assert left["attention_mask"][1].tolist() == [0] * (max(n0, n1) - n1) + [1] * n1
+
+
+def test_too_long_conversation_is_skipped(tmp_path):
+    tight = SampleEncoder(build_toy_tokenizer(TINY_TEXTS), num_image_tokens=40, max_length=20, image_size=16)
+    record = tiny_llava_records(tmp_path, 1)[0]
+    with pytest.warns(UserWarning, match="beyond max_length"):
+        assert tight(record, tiny_image(0)) is None
+    assert tight.skipped["ConversationError"] == 1
+
+
+def test_webdataset_shards(tmp_path, encoder):
+    shard = tmp_path / "000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for index, record in enumerate(tiny_llava_records(tmp_path / "img", 3)):
+            image = io.BytesIO()
+            tiny_image(index).save(image, format="PNG")
+            for name, data in ((f"{index:04d}.png", image.getvalue()), (f"{index:04d}.json", json.dumps(record).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    source = WebDataSource(str(shard), shuffle_buffer=0)
+    samples = list(source.dataset(encoder))
+    assert len(samples) == 3 and samples[0]["image"].shape == (3, 16, 16)
+    assert torch.allclose(samples[0]["image"][:, 0, 0], torch.tensor([220, 30, 30]) / 255)
+    items = source.eval_items()
+    assert [i.answer for i in items] == ["red", "green", "blue"]
+
+
+def test_toy_source_records():
+    align = ToySource(seed=0, num_images=2, stage="align")
+    sample = align.world[0]
+    assert align.record(0)["conversations"][1]["value"] == sample.caption
+    finetune = ToySource(seed=0, num_images=2, stage="finetune")
+    turns = finetune.record(0)["conversations"]
+    assert len(turns) == 2 * len(sample.qa) and turns[0]["value"].startswith("<image>\n")
+    items = finetune.eval_items()
+    assert len(items) == sum(len(finetune.world[i].qa) for i in range(2))
+    assert items[0].load_image().size == (64, 64)
