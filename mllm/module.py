@@ -12,7 +12,6 @@ cosine decay. Checkpoints hold only the trained parameters (frozen weights come 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +21,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 from mllm.loading import load_lm
 from mllm.model import LlavaModel
+from distill.schedule import warmup_cosine
 from mllm.towers import VisionTower
 
 
@@ -118,13 +118,7 @@ class LlavaModule(L.LightningModule):
         optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.hparams.warmup_ratio * total))
-
-        def scale(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+        scheduler = warmup_cosine(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def trained_parameter_names(self) -> set[str]:
