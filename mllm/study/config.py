@@ -1,0 +1,114 @@
+"""The study's settings: which variants, which recipes, how many steps and seeds. Read from YAML
+(configs/study/*.yaml) and type-checked by jsonargparse.
+
+    study = load_study("configs/study/toy.yaml", smoke=False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+
+STUDENT_PLACEHOLDER = "{student}"
+KINDS = ("single", "ensemble", "student")
+
+
+@dataclass
+class Variant:
+    """One vision tower to compare.
+
+    Args:
+        name: row name in the table (e.g. ``clip``, ``ensemble_all``, ``student``).
+        kind: ``single``, ``ensemble`` or ``student`` (the reading compares the student with the others).
+        tower: the tower as a class_path/init_args dict (as in configs/mllm); in a student tower the
+            path ``{student}`` is replaced by the distilled student's export folder.
+    """
+
+    name: str
+    kind: str
+    tower: dict
+
+
+@dataclass
+class Budget:
+    """Steps and sizes of one study mode.
+
+    Args:
+        seeds: seeds per variant.
+        align_steps: optimizer steps of the align stage.
+        finetune_steps: optimizer steps of the finetune stage.
+        distill_steps: optimizer steps of the distillation (when no student is given).
+        eval_images: held-out images whose questions are scored.
+        toy_profile: toy-world build profile ("default" or "smoke": teachers trained for a few steps).
+    """
+
+    seeds: int = 3
+    align_steps: int = 300
+    finetune_steps: int = 600
+    distill_steps: int = 600
+    eval_images: int = 100
+    toy_profile: str = "default"
+
+
+@dataclass
+class Study:
+    """A whole comparison study.
+
+    Args:
+        align_recipe: configs/mllm YAML of the align stage (its tower is replaced per variant).
+        finetune_recipe: configs/mllm YAML of the finetune stage.
+        distill_recipe: configs/distill YAML used to distill the student when ``student`` is None.
+        student: an existing ``python -m distill export`` folder (skips distillation).
+        grid: visual tokens per side for every tower (the same token budget for all); None keeps each tower's own.
+        image_size: image side given to the towers and used for cost measurements.
+        eval_json: LLaVA-format JSON of evaluation questions (with ``question_type`` per record); None =
+            the toy world's held-out questions.
+        eval_image_folder: folder of the images named in ``eval_json``.
+        variants: the towers to compare.
+        full: the budget of the real study.
+        smoke: the budget of ``--smoke`` (1 seed, few steps).
+    """
+
+    align_recipe: str
+    finetune_recipe: str
+    distill_recipe: str
+    variants: list[Variant]
+    student: str | None = None
+    grid: int | None = 8
+    image_size: int = 64
+    eval_json: str | None = None
+    eval_image_folder: str | None = None
+    full: Budget = field(default_factory=Budget)
+    smoke: Budget = field(default_factory=lambda: Budget(1, 20, 30, 30, 12, "smoke"))
+
+
+def study_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="compare_baselines study config", exit_on_error=False)
+    parser.add_class_arguments(Study)
+    return parser
+
+
+def load_study(path: str | Path) -> Study:
+    """Parse and validate a study YAML (unknown keys and wrong types are errors naming the key)."""
+    parser = study_parser()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"study config {path} does not exist; see configs/study/ for examples.")
+    cfg = parser.instantiate_classes(parser.parse_path(path))
+    study = Study(**{k: v for k, v in vars(cfg).items() if not k.startswith("__")})
+    names = [v.name for v in study.variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: variant names must be unique, got {names}")
+    for v in study.variants:
+        if v.kind not in KINDS:
+            raise ValueError(f"{path}: variant {v.name!r} has kind {v.kind!r}; use one of {KINDS}")
+        if "class_path" not in v.tower:
+            raise ValueError(f"{path}: variant {v.name!r} tower needs a class_path (e.g. mllm.towers.SingleEncoderTower)")
+    return study
+
+
+def with_budget(study: Study, smoke: bool, seeds: int | None = None) -> Budget:
+    """The budget in force: smoke or full, with an optional seed override."""
+    budget = study.smoke if smoke else study.full
+    return replace(budget, seeds=seeds) if seeds else budget
