@@ -8,13 +8,11 @@ Default questions: the toy world's held-out images (seed 1000), all their QA pai
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from distill.io import save_json
 from mllm.data import DataSource, EvalItem, ToySource
 from mllm.generate import generate_answers
 from mllm.loading import load_tokenizer
@@ -71,15 +69,5 @@ def evaluate_checkpoint(
                             batch_size, hp.chat_template, system_prompt)
     result["checkpoint"] = str(ckpt_path)
     if out_json:
-        write_json(result, out_json)
+        save_json(result, out_json)
     return result
-
-
-def write_json(data: dict, path: str) -> None:
-    """Write JSON to a temp file and rename it into place."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}", dir=target.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(data, file, indent=2)
-    os.replace(tmp, target)

@@ -15,7 +15,6 @@ Importing this module registers the timm models TINY_VIT_NAME and TINY_VIT_REG_N
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import open_clip
@@ -26,6 +25,7 @@ from timm.models import generate_default_cfgs, register_model, save_for_hf
 from timm.models.vision_transformer import VisionTransformer, _cfg, _create_vision_transformer
 
 from distill.encoders.sam import build_sam
+from distill.io import atomic_write
 
 TINY_CLIP_NAME = "unitower-tiny-clip"
 TINY_CLIP_CONFIG = {
@@ -59,16 +59,6 @@ def unitower_tiny_vit_reg4(pretrained: bool = False, **kwargs) -> VisionTransfor
     return _create_vision_transformer(TINY_VIT_REG_NAME, pretrained=pretrained, **dict(args, **kwargs))
 
 
-def _atomic_save(path: Path, write) -> Path:
-    """Call write(tmp_path) then rename onto `path`, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def tiny_open_clip_model(seed: int = 0) -> torch.nn.Module:
     """A random open_clip CLIP built from TINY_CLIP_CONFIG."""
     torch.manual_seed(seed)
@@ -81,16 +71,16 @@ def write_open_clip_dir(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_open_clip_model(seed)
-    _atomic_save(folder / "open_clip_model.safetensors", lambda p: save_file(model.state_dict(), str(p)))
+    atomic_write(folder / "open_clip_model.safetensors", lambda p: save_file(model.state_dict(), p))
     config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": TINY_CLIP_PREPROCESS}
-    _atomic_save(folder / "open_clip_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(folder / "open_clip_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     return folder
 
 
 def register_open_clip_config(folder: Path) -> str:
     """Write TINY_CLIP_NAME.json into `folder` and add it to open_clip's model registry; returns the name.
     Built-in open_clip configs carry no preprocess cfg, so this model uses open_clip's defaults."""
-    file = _atomic_save(Path(folder) / f"{TINY_CLIP_NAME}.json", lambda p: p.write_text(json.dumps(TINY_CLIP_CONFIG)))
+    file = atomic_write(Path(folder) / f"{TINY_CLIP_NAME}.json", lambda p: Path(p).write_text(json.dumps(TINY_CLIP_CONFIG)))
     open_clip.add_model_config(file)
     return TINY_CLIP_NAME
 
@@ -98,7 +88,7 @@ def register_open_clip_config(folder: Path) -> str:
 def write_open_clip_state_dict(path: Path, seed: int = 0) -> Path:
     """Plain torch.save state dict of the tiny CLIP (what `pretrained=FILE` loads)."""
     state = tiny_open_clip_model(seed).state_dict()
-    return _atomic_save(Path(path), lambda p: torch.save(state, p))
+    return atomic_write(Path(path), lambda p: torch.save(state, p))
 
 
 def tiny_timm_model(reg_tokens: int = 0, seed: int = 0, **pretrained_cfg: object) -> torch.nn.Module:
@@ -120,11 +110,11 @@ def write_timm_dir(folder: Path, reg_tokens: int = 0, seed: int = 0, **pretraine
 def write_timm_state_dict(path: Path, reg_tokens: int = 0, seed: int = 0) -> Path:
     """Plain torch.save state dict of the tiny ViT (what pretrained_cfg_overlay=dict(file=...) loads)."""
     state = tiny_timm_model(reg_tokens, seed).state_dict()
-    return _atomic_save(Path(path), lambda p: torch.save(state, p))
+    return atomic_write(Path(path), lambda p: torch.save(state, p))
 
 
 def write_sam_state_dict(path: Path, seed: int = 0) -> Path:
     """Plain torch.save state dict of a random Sam 'tiny' (same format as the official SAM .pth)."""
     torch.manual_seed(seed)
     state = build_sam("tiny").state_dict()
-    return _atomic_save(Path(path), lambda p: torch.save(state, p))
+    return atomic_write(Path(path), lambda p: torch.save(state, p))
