@@ -1,0 +1,217 @@
+"""Train the toy DINO teacher: a tiny timm ViT trained with DINO self-distillation on toy images.
+
+DINO recipe in miniature: a student and an EMA teacher (same ViT + projection head), multi-crop
+(2 global 64 px crops seen by both, a few local 32 px crops seen by the student only), teacher
+outputs centered (running mean) and sharpened (low temperature), cross-entropy between teacher and
+student views. The augmentations permute color channels and jitter brightness / contrast, so the ViT
+learns shape and texture rather than color or background level (color is CLIP's business in the toy
+world); crops are larger than DINO's usual ones because toy objects are small. Only the backbone is saved, in timm's
+local-dir format (config.json + model.safetensors) that `timm.create_model('local-dir:' + folder,
+pretrained=True)` loads.
+
+    python -m distill.toy.train_dino OUT_DIR [STEPS]    # normally run through `python -m distill.toy build`
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._hub import save_for_hf
+from torch import nn
+from torchvision.ops import roi_align
+from tqdm import tqdm
+
+from distill.toy.world import TRAIN_SEED, sample_pool
+
+DINO_VIT_ARGS = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=0, dynamic_img_size=True)
+DINO_ARCHITECTURE = "vit_tiny_patch16_224"  # a registered timm ViT; DINO_VIT_ARGS override its sizes
+GLOBAL_SIZE, LOCAL_SIZE = 64, 32
+GLOBAL_SCALE, LOCAL_SCALE = (0.8, 1.0), (0.35, 0.7)  # toy objects are small: crops must keep some
+
+
+def build_dino_vit() -> nn.Module:
+    """A randomly initialised timm ViT with the toy DINO sizes (CLS token, no classifier)."""
+    return timm.create_model(DINO_ARCHITECTURE, pretrained=False, **DINO_VIT_ARGS)
+
+
+class DinoHead(nn.Module):
+    """DINO projection head: MLP -> L2-normalized bottleneck -> cosine prototypes (weight norm with g = 1).
+
+    Args:
+        in_dim: backbone feature size.
+        out_dim: number of prototypes (softmax size).
+        hidden_dim: MLP width.
+        bottleneck_dim: size of the normalized bottleneck.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 64, hidden_dim: int = 256, bottleneck_dim: int = 64):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck_dim) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(self.mlp(features), dim=-1), F.normalize(self.prototypes, dim=-1))
+
+
+class DinoModel(nn.Module):
+    """Backbone CLS feature followed by the DINO head."""
+
+    def __init__(self, backbone: nn.Module, head: DinoHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(pixels))
+
+
+def dino_loss(
+    student_logits: list[torch.Tensor],
+    teacher_logits: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
+    """Mean cross-entropy H(teacher_i, student_j) over all pairs of different views (i indexes the
+    global views the teacher sees; views j < len(teacher_logits) are those same global views)."""
+    targets = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher_logits]
+    log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student_logits]
+    total, pairs = 0.0, 0
+    for i, target in enumerate(targets):
+        for j, log_prob in enumerate(log_probs):
+            if i == j:
+                continue
+            total = total + (-(target * log_prob).sum(dim=-1)).mean()
+            pairs += 1
+    return total / pairs
+
+
+def random_crops(images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """Random-resized crops (area fraction in `scale`, aspect 3/4..4/3) of float [B,3,H,W], resized to size x size."""
+    batch, _, height, width = images.shape
+    area = torch.empty(batch).uniform_(*scale, generator=generator) * height * width
+    log_ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    crop_w = (area * log_ratio.exp()).sqrt().clamp(max=width)
+    crop_h = (area / log_ratio.exp()).sqrt().clamp(max=height)
+    x0 = torch.rand(batch, generator=generator) * (width - crop_w)
+    y0 = torch.rand(batch, generator=generator) * (height - crop_h)
+    boxes = torch.stack([torch.arange(batch, dtype=torch.float32), x0, y0, x0 + crop_w, y0 + crop_h], dim=1)
+    return roi_align(images, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Photometric + flip augmentation of float [B,3,H,W] in [0,1]; returns normalized pixels."""
+    batch = images.shape[0]
+    perms = torch.stack([torch.randperm(3, generator=generator) for _ in range(batch)])
+    images = torch.gather(images, 1, perms.view(batch, 3, 1, 1).expand_as(images))
+    brightness = torch.empty(batch, 1, 1, 1).uniform_(0.7, 1.3, generator=generator)
+    contrast = torch.empty(batch, 1, 1, 1).uniform_(0.7, 1.3, generator=generator)
+    mean_level = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = ((images - mean_level) * contrast + mean_level * brightness).clamp(0, 1)
+    gray = torch.rand(batch, generator=generator) < 0.2
+    images = torch.where(gray.view(batch, 1, 1, 1), images.mean(dim=1, keepdim=True).expand_as(images), images)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    images = torch.where(flip.view(batch, 1, 1, 1), images.flip(-1), images)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def multi_crop(images: torch.Tensor, num_local: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """2 global views (64 px) followed by `num_local` local views (32 px) of float images in [0,1]."""
+    views = [augment(random_crops(images, GLOBAL_SIZE, GLOBAL_SCALE, generator), generator) for _ in range(2)]
+    views += [augment(random_crops(images, LOCAL_SIZE, LOCAL_SCALE, generator), generator) for _ in range(num_local)]
+    return views
+
+
+def dino_step_loss(
+    student: DinoModel, teacher: DinoModel, views: list[torch.Tensor], center: torch.Tensor, teacher_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO loss of one multi-crop batch and the teacher's mean output (for the center update)."""
+    with torch.no_grad():
+        teacher_logits = list(teacher(torch.cat(views[:2])).chunk(2))
+    student_logits = list(student(torch.cat(views[:2])).chunk(2))
+    if len(views) > 2:
+        student_logits += list(student(torch.cat(views[2:])).chunk(len(views) - 2))
+    loss = dino_loss(student_logits, teacher_logits, center, teacher_temp=teacher_temp)
+    return loss, torch.cat(teacher_logits).mean(dim=0)
+
+
+def save_dino(backbone: nn.Module, out_dir: str | Path) -> Path:
+    """Write the ViT in timm's local-dir format (config.json with model_args + pretrained_cfg, model.safetensors)."""
+    data_config = dict(
+        input_size=(3, GLOBAL_SIZE, GLOBAL_SIZE), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        crop_pct=1.0, interpolation="bicubic",
+    )
+    save_for_hf(backbone, str(out_dir), model_config={"pretrained_cfg": {"tag": "toyworld_dino"}},
+                safe_serialization=True, data_config=data_config)
+    return Path(out_dir)
+
+
+def train_dino(
+    out_dir: str | Path,
+    steps: int = 500,
+    batch_size: int = 32,
+    num_samples: int = 6000,
+    num_local: int = 4,
+    lr: float = 1e-3,
+    teacher_temp: float = 0.04,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train a toy DINO ViT on training-world images and save the backbone to `out_dir`.
+
+    Args:
+        out_dir: folder to write (timm local-dir format).
+        steps: optimizer steps.
+        batch_size: images per step (each gives 2 global + `num_local` local views).
+        num_samples: size of the training pool drawn from ToyWorld(seed=TRAIN_SEED).
+        num_local: local crops per image.
+        lr: peak AdamW learning rate (warmup, cosine decay).
+        teacher_temp: teacher softmax temperature (sharpening; low values prevent uniform collapse).
+        seed: torch seed for initialisation, crops and batch order.
+        progress: show a tqdm bar.
+    """
+    torch.manual_seed(seed)
+    images, _ = sample_pool(TRAIN_SEED, num_samples)
+    pixels_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    backbone = build_dino_vit()
+    student = DinoModel(backbone, DinoHead(backbone.num_features)).train()
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    center = torch.zeros(student.head.prototypes.shape[0])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.04)
+    warmup = max(steps // 10, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="toy dino", disable=not progress)
+    for step in bar:
+        batch = pixels_all[torch.randint(len(pixels_all), (batch_size,), generator=generator)]
+        loss, teacher_mean = dino_step_loss(student, teacher, multi_crop(batch, num_local, generator), center, teacher_temp)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+        optimizer.step()
+        schedule.step()
+        momentum = 1 - (1 - 0.99) * (math.cos(math.pi * step / steps) + 1) / 2  # EMA momentum 0.99 -> 1
+        with torch.no_grad():
+            for p_teacher, p_student in zip(teacher.parameters(), student.parameters()):
+                p_teacher.mul_(momentum).add_(p_student.detach(), alpha=1 - momentum)
+            center.mul_(0.9).add_(teacher_mean, alpha=0.1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    # The EMA teacher is the better network in DINO; it is the one saved.
+    return save_dino(teacher.backbone.eval(), out_dir)
+
+
+if __name__ == "__main__":
+    train_dino(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 500)

@@ -1,0 +1,142 @@
+"""Tests of the toy world generator (determinism, masks, captions, answers) and its exports.
+
+    /work/venv/bin/pytest tests/test_toy_world.py -q
+"""
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from distill.toy.shards import export_llava_json, export_shards, sample_conversation
+from distill.toy.world import COLOR_RGB, COLORS, QA_KINDS, SHADE, SHAPES, ToyWorld
+
+INDICES = range(40)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    world = ToyWorld(seed=0)
+    return [world[i] for i in INDICES]
+
+
+def test_same_seed_and_index_give_identical_samples():
+    a, b = ToyWorld(seed=3)[17], ToyWorld(seed=3)[17]
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert np.array_equal(a.masks, b.masks)
+    assert a.caption == b.caption and a.qa == b.qa and a.objects == b.objects
+
+
+def test_different_index_or_seed_give_different_images():
+    world = ToyWorld(seed=0)
+    assert not np.array_equal(np.asarray(world[0].image), np.asarray(world[1].image))
+    assert not np.array_equal(np.asarray(world[0].image), np.asarray(ToyWorld(seed=1000)[0].image))
+
+
+def test_image_size_and_object_count(samples):
+    counts = set()
+    for s in samples:
+        assert s.image.mode == "RGB" and s.image.size == (64, 64)
+        assert s.masks.shape == (len(s.objects), 64, 64) and s.masks.dtype == bool
+        assert 1 <= len(s.objects) <= 4
+        counts.add(len(s.objects))
+    assert counts == {1, 2, 3, 4}
+    big = ToyWorld(seed=0, image_size=96)[5]
+    assert big.image.size == (96, 96) and big.masks.shape[1:] == (96, 96)
+
+
+def test_masks_match_objects_and_pixels(samples):
+    for s in samples:
+        pixels = np.asarray(s.image).astype(int)
+        assert not (s.masks.sum(axis=0) > 1).any(), "objects must not overlap"
+        for obj, mask in zip(s.objects, s.masks):
+            assert mask.sum() > 0
+            ys, xs = np.nonzero(mask)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == obj.bbox
+            cx, cy = obj.x * 64, obj.y * 64
+            assert abs(xs.mean() - cx) < obj.radius and abs(ys.mean() - cy) < obj.radius
+            rgb = np.array(COLOR_RGB[obj.color])
+            colors = pixels[mask]
+            is_color = (colors == rgb).all(axis=1)
+            is_shade = (colors == (rgb * SHADE).astype(int)).all(axis=1) | (np.abs(colors - rgb * SHADE) <= 1).all(axis=1)
+            assert (is_color | is_shade).all(), f"sample {s.index}: mask pixels of {obj.name} have other colors"
+            assert is_color.mean() >= 0.4
+            if obj.texture == "solid":
+                assert is_color.all()
+            else:
+                assert is_shade.any()
+
+
+def test_caption_names_every_object_by_color_and_shape_only(samples):
+    shape_only = 0
+    for s in samples:
+        for obj in s.objects:
+            assert obj.shape in s.caption
+        if all(obj.name in s.caption for obj in s.objects):
+            continue
+        shape_only += 1
+        assert not any(color in s.caption for color in COLORS)
+        assert "striped" not in s.caption and "dotted" not in s.caption
+        assert s.caption == s.caption.lower()
+    assert 0 < shape_only < len(samples) / 2
+
+
+def test_answers_agree_with_objects(samples):
+    kinds = set()
+    for s in samples:
+        by_name = {o.name: o for o in s.objects}
+        existence = [q for q in s.qa if q.kind == "existence"]
+        assert sorted(q.answer for q in existence) == ["no", "yes"]
+        for q in s.qa:
+            kinds.add(q.kind)
+            assert q.kind in QA_KINDS and len(q.answer.split()) == 1
+            if q.question == "how many objects are there?":
+                assert q.answer == str(len(s.objects))
+            if q.kind == "existence":
+                named = q.question.removeprefix("is there ").removesuffix(" in the image?").split(" ", 1)[1]
+                assert (named in by_name) == (q.answer == "yes")
+            if q.kind == "color" and q.question.startswith("what color is the "):
+                shape = q.question.removeprefix("what color is the ").rstrip("?").split()[-1]
+                assert any(o.color == q.answer and o.shape == shape for o in s.objects)
+            if q.kind == "shape" and q.question.startswith("what shape is the "):
+                color = q.question.split()[4]
+                assert [o.shape for o in s.objects if o.color == color] == [q.answer]
+            if q.kind == "texture":
+                name = q.question.removeprefix("what is the texture of the ").rstrip("?")
+                assert by_name[name].texture == q.answer
+            if q.kind == "choice":
+                assert q.options and q.answer in q.options
+            if q.kind == "relation":
+                a, b = q.question.removeprefix("is the ").rstrip("?").split(" left of the " if "left" in q.question else " above the ")
+                truth = by_name[a].x < by_name[b].x if "left" in q.question else by_name[a].y < by_name[b].y
+                assert q.answer == ("yes" if truth else "no")
+    assert kinds == set(QA_KINDS)
+
+
+def test_vocabulary_is_small_and_lowercase(samples):
+    words = set()
+    for s in samples:
+        for text in [s.caption] + [q.question + " " + q.answer for q in s.qa]:
+            words.update(text.replace(",", " ").replace(".", " ").replace("?", " ").replace(":", " ").split())
+    assert all(w == w.lower() for w in words)
+    assert set(COLORS) | set(SHAPES) <= words | {"cross"}
+    assert len(words) < 80
+
+
+def test_shards_and_llava_json_round_trip(tmp_path):
+    world = ToyWorld(seed=1000)
+    shards = export_shards(world, tmp_path / "shards", count=5, shard_size=3)
+    assert [p.name for p in shards] == ["000000.tar", "000001.tar"]
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+        record = json.load(tar.extractfile("00000000.json"))
+    assert "00000000.png" in names and "00000000.masks.npy" in names
+    assert record["caption"] == world[0].caption and len(record["objects"]) == len(world[0].objects)
+
+    json_file = export_llava_json(world, tmp_path / "llava", count=3)
+    records = json.loads(json_file.read_text())
+    assert records[1] == sample_conversation(world[1], "images/00000001.png")
+    assert records[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert [t["from"] for t in records[0]["conversations"][:2]] == ["human", "gpt"]
+    assert (tmp_path / "llava" / records[2]["image"]).is_file()
