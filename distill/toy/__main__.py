@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     build = commands.add_parser("build", help="build (or reuse) the toy teacher cache")
     build.add_argument("--cache", default=None, help="cache folder (default $UNITOWER_CACHE or ~/.cache/unitower/toyworld)")
     build.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    build.add_argument("--profile", default=None, help="build profile: default, or smoke (a few steps per teacher)")
     report = commands.add_parser("report", help="print the skill table (builds the cache first if needed)")
     report.add_argument("--cache", default=None, help="cache folder")
     export = commands.add_parser("export", help="write toy samples as webdataset shards and LLaVA JSON")
@@ -30,7 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "build":
+        import os
+
         from distill.toy.cache import ensure_cache
+
+        if args.profile:
+            os.environ["UNITOWER_TOY_PROFILE"] = args.profile
 
         start = time.time()
         folder = ensure_cache(args.cache, force=args.force)

@@ -69,10 +69,27 @@ class ToySettings:
         return ["clip", "dino", "sam"] + (["lm"] if self.include_lm else [])
 
 
+# Build profiles: "smoke" trains every teacher for a few steps, to check the whole route in CI.
+PROFILES = {
+    "default": ToySettings(),
+    "smoke": ToySettings(clip_steps=15, dino_steps=15, sam_steps=15, lm_steps=40, num_samples=256, lm_texts=300),
+}
+
+
+def active_profile() -> str:
+    """The build profile named by $UNITOWER_TOY_PROFILE ("default" when unset)."""
+    name = os.environ.get("UNITOWER_TOY_PROFILE", "default")
+    if name not in PROFILES:
+        raise ValueError(f"UNITOWER_TOY_PROFILE={name!r} is unknown; use one of {sorted(PROFILES)}.")
+    return name
+
+
 def default_cache_dir() -> Path:
-    """$UNITOWER_CACHE if set, else ~/.cache/unitower/toyworld."""
+    """$UNITOWER_CACHE if set, else ~/.cache/unitower/toyworld; with a "-<profile>" suffix for non-default profiles."""
     env = os.environ.get("UNITOWER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unitower" / "toyworld"
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "unitower" / "toyworld"
+    profile = active_profile()
+    return base if profile == "default" else base.with_name(f"{base.name}-{profile}")
 
 
 def cache_status(cache_dir: Path, settings: ToySettings) -> str:
@@ -155,8 +172,9 @@ def _build_lm(out_dir: Path, settings: ToySettings) -> Path:
 def ensure_cache(
     cache_dir: str | Path | None = None, settings: ToySettings | None = None, force: bool = False, progress: bool = True
 ) -> Path:
-    """Return a usable cache folder, building (or rebuilding) it first when needed or when `force`."""
-    settings = settings or ToySettings()
+    """Return a usable cache folder, building (or rebuilding) it first when needed or when `force`.
+    Without `settings`, the active profile's ($UNITOWER_TOY_PROFILE)."""
+    settings = settings or PROFILES[active_profile()]
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if not force and cache_status(folder, settings) == "ok":
         return folder

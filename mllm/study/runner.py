@@ -87,6 +87,19 @@ def eval_source(study: Study, budget: Budget):
     return ToySource(seed=1000, num_images=budget.eval_images, stage="finetune", image_size=study.image_size)
 
 
+def quiet_libraries() -> None:
+    """Keep the study's console to one line per run: Lightning's per-run banners and known warnings off."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message in ("Found keys that are in the model state dict", "Found .* module\\(s\\) in eval mode",
+                    "LightningCLI's args parameter", "Checkpoint directory .* exists", "The number of training batches"):
+        warnings.filterwarnings("ignore", message=message)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def fit(cfg_path: Path) -> object:
     from mllm.cli import make_cli
 
@@ -188,6 +201,7 @@ def run_study(study: Study, budget: Budget, out_dir: Path, smoke: bool = False, 
     from distill.toy.cache import ensure_cache
 
     os.environ["UNITOWER_TOY_PROFILE"] = budget.toy_profile
+    quiet_libraries()
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_cache()
