@@ -160,6 +160,7 @@ def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool) ->
     export = run_dir / "export"
     if (export / "config.json").is_file() and not force:
         return str(export)
+    print(f"[study] distilling the student ({budget.distill_steps} steps) into {run_dir}", flush=True)
     cfg = copy.deepcopy(recipe)
     trainer = cfg["trainer"]
     trainer.update(
@@ -208,7 +209,6 @@ def run_study(study: Study, budget: Budget, out_dir: Path, smoke: bool = False, 
     variants = [v for v in study.variants if not only or v.name in only]
     student = study.student
     if student is None and any(v.kind == "student" for v in variants):
-        print("[study] distilling the student ...", flush=True)
         student = distill_student(study, budget, out_dir, force)
     jobs = [(v, seed) for v in variants for seed in range(budget.seeds)]
     records = []
