@@ -15,7 +15,7 @@ COST = {"tower_params_m": 1.0, "gflops_per_image": 0.5, "ms_per_image": 2.0}
 def rec(variant, kind, seed, color, status="ok"):
     return {"variant": variant, "kind": kind, "seed": seed, "status": status, "error": None if status == "ok" else "boom",
             "metrics": {"color": color, "overall": color / 2} if status == "ok" else {}, "cost": COST,
-            "projector_params": 1234, "train_seconds": 10.0}
+            "projector_params": 1234, "train_seconds": 10.0, "align_steps_per_s": 12.0, "finetune_steps_per_s": None}
 
 
 RECORDS = [

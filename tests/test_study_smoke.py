@@ -2,6 +2,7 @@
 for every variant, report files; a second run reuses the finished runs."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,8 @@ def test_smoke_study_end_to_end(tmp_path):
     assert (out / "results.png").stat().st_size > 1000
     assert "Same for every variant" in (out / "results.md").read_text()
     assert len(list(out.glob("runs/*/seed0-*/finetune.yaml"))) == 6
+    records = json.loads((out / "records.json").read_text())["records"]
+    assert all(r["align_steps_per_s"] > 0 and r["finetune_steps_per_s"] > 0 for r in records)  # StepTimer measured
 
     started = time.time()
     again = run(["--smoke", "--out", str(out), "--only", "clip", "student"], env)

@@ -19,6 +19,7 @@ from pathlib import Path
 from distill.io import atomic_write
 
 COST_KEYS = ("tower_params_m", "gflops_per_image", "ms_per_image")
+SPEED_KEYS = ("align_steps_per_s", "finetune_steps_per_s")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -50,6 +51,9 @@ def aggregate(records: list[dict]) -> list[dict]:
             for key in COST_KEYS:
                 row[key] = mean_std([r["cost"][key] for r in runs])[0]
             row["train_seconds"] = mean_std([r["train_seconds"] for r in runs])[0]
+            for key in SPEED_KEYS:
+                values = [r[key] for r in runs if r.get(key)]
+                row[key] = mean_std(values)[0] if values else float("nan")
             row["projector_params"] = runs[0]["projector_params"]
         out.append(row)
     return out
@@ -63,11 +67,11 @@ def metric_names(summary: list[dict]) -> list[str]:
 
 def markdown_table(summary: list[dict]) -> str:
     metrics = metric_names(summary)
-    head = ["variant", *metrics, "tower params (M)", "GFLOPs/img", "ms/img", "projector params", "train s", "seeds"]
+    head = ["variant", *metrics, "tower params (M)", "GFLOPs/img", "ms/img", "projector params", "train s", "align it/s", "finetune it/s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary:
         if row["status"] != "ok":
-            cells = [row["variant"], *(["failed"] * len(metrics)), "", "", "", "", "", f"0 ({row['error']})"]
+            cells = [row["variant"], *(["failed"] * len(metrics)), "", "", "", "", "", "", "", f"0 ({row['error']})"]
         else:
             cells = [row["variant"]]
             for m in metrics:
@@ -75,7 +79,8 @@ def markdown_table(summary: list[dict]) -> str:
                 cells.append(f"{mean:.3f} ± {std:.3f}")
             cells += [
                 f"{row['tower_params_m']:.2f}", f"{row['gflops_per_image']:.3f}", f"{row['ms_per_image']:.2f}",
-                f"{row['projector_params']:,}", f"{row['train_seconds']:.0f}", str(row["seeds"]),
+                f"{row['projector_params']:,}", f"{row['train_seconds']:.0f}",
+                f"{row['align_steps_per_s']:.1f}", f"{row['finetune_steps_per_s']:.1f}", str(row["seeds"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -123,12 +128,13 @@ def write_csv(summary: list[dict], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["variant", "kind", "status", "seeds", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")],
-                     *COST_KEYS, "projector_params", "train_seconds", "error"])
+                     *COST_KEYS, "projector_params", "train_seconds", *SPEED_KEYS, "error"])
     for row in summary:
         values = [v for m in metrics for v in row["metrics"].get(m, ("", ""))]
         costs = [row.get(k, "") for k in COST_KEYS]
         writer.writerow([row["variant"], row["kind"], row["status"], row["seeds"], *values, *costs,
-                         row.get("projector_params", ""), row.get("train_seconds", ""), row.get("error") or ""])
+                         row.get("projector_params", ""), row.get("train_seconds", ""),
+                         *[row.get(k, "") for k in SPEED_KEYS], row.get("error") or ""])
     atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 

@@ -48,7 +48,8 @@ def stage_config(recipe: dict, tower: dict, stage: str, seed: int, steps: int, r
         enable_model_summary=False, log_every_n_steps=max(1, min(10, steps)),
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": stage}},
         callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run_dir), "filename": stage, "enable_version_counter": False}}],
+                    "init_args": {"dirpath": str(run_dir), "filename": stage, "enable_version_counter": False}},
+                   {"class_path": "distill.timing.StepTimer"}],
     )
     trainer.pop("val_check_interval", None)
     cfg.setdefault("data", {})["image_size"] = study.image_size
@@ -100,6 +101,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def steps_per_second(cli) -> float | None:
+    """The StepTimer measurement of a finished fit (None if the run had too few steps)."""
+    from distill.timing import StepTimer
+
+    timers = [c for c in cli.trainer.callbacks if isinstance(c, StepTimer)]
+    return timers[0].steps_per_second if timers else None
+
+
 def fit(cfg_path: Path) -> object:
     from mllm.cli import make_cli
 
@@ -127,7 +136,7 @@ def run_variant(variant: Variant, seed: int, study: Study, budget: Budget, stude
     try:
         align = stage_config(align_recipe, tower, "align", seed, budget.align_steps, run_dir, study)
         align["model"]["init_from"] = None
-        fit(write_yaml(align, run_dir / "align.yaml"))
+        align_cli = fit(write_yaml(align, run_dir / "align.yaml"))
         finetune = stage_config(finetune_recipe, tower, "finetune", seed, budget.finetune_steps, run_dir, study)
         finetune["model"]["init_from"] = str(run_dir / "align.ckpt")
         cli = fit(write_yaml(finetune, run_dir / "finetune.yaml"))
@@ -138,6 +147,7 @@ def run_variant(variant: Variant, seed: int, study: Study, budget: Budget, stude
         record.update(
             status="ok", error=None, metrics=eval_metrics(result), train_seconds=train_seconds,
             projector_params=count_params(model.projector), visual_tokens=model.tower.num_tokens,
+            align_steps_per_s=steps_per_second(align_cli), finetune_steps_per_s=steps_per_second(cli),
             cost=tower_cost(model.tower, study.image_size),
         )
     except Exception as err:  # one failing variant must not stop the study
@@ -168,12 +178,14 @@ def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool) ->
         val_check_interval=budget.distill_steps, limit_val_batches=2,
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}},
         callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run_dir), "filename": "student", "enable_version_counter": False}}],
+                    "init_args": {"dirpath": str(run_dir), "filename": "student", "enable_version_counter": False}},
+                   {"class_path": "distill.timing.StepTimer"}],
     )
     started = time.time()
     cli = lightning_cli(["fit", "-c", str(write_yaml(cfg, run_dir / "distill.yaml"))])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    save_json({"seconds": time.time() - started, "steps": budget.distill_steps, "val": metrics}, run_dir / "distill.json")
+    save_json({"seconds": time.time() - started, "steps": budget.distill_steps, "steps_per_second": steps_per_second(cli),
+               "val": metrics}, run_dir / "distill.json")
     export_student(run_dir / "student.ckpt", export, with_adaptors=True)
     return str(export)
 
