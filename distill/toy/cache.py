@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Bump when the generator or a trainer changes in a way that changes the teachers.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 TOY_FILES = {"clip": "clip", "dino": "dino", "sam": "sam.pth", "lm": "lm"}
 MANIFEST = "manifest.json"
 
@@ -52,7 +52,7 @@ class ToySettings:
     """
 
     clip_steps: int = 500
-    dino_steps: int = 500
+    dino_steps: int = 300
     sam_steps: int = 400
     lm_steps: int | None = None
     num_samples: int = 6000
