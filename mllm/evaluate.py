@@ -9,6 +9,7 @@ Default questions: the toy world's held-out images (seed 1000), all their QA pai
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,10 @@ def evaluate_checkpoint(
 
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint '{ckpt_path}' does not exist; pass a .ckpt written by `python -m mllm fit`.")
-    module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    with warnings.catch_warnings():
+        # By design the checkpoint holds only trained weights; frozen ones come from their own files.
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+        module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     hp = module.hparams
     source = source if source is not None else ToySource(seed=1000, num_images=100, stage="finetune", image_size=image_size)
     result = evaluate_model(module.model, load_tokenizer(hp.lm), source.eval_items(limit), image_size, max_new_tokens,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from distill.io import atomic_write
 from distill.toy.world import ToySample, ToyWorld
 
 CAPTION_PROMPT = "describe the image."
@@ -68,7 +69,5 @@ def export_llava_json(world: ToyWorld, out_dir: str | Path, count: int) -> Path:
         image = f"images/{index:08d}.png"
         sample.image.save(out / image)
         records.append(sample_conversation(sample, image))
-    tmp = out / "llava.json.tmp"
-    tmp.write_text(json.dumps(records))
-    tmp.replace(out / "llava.json")
+    atomic_write(out / "llava.json", lambda tmp: Path(tmp).write_text(json.dumps(records)))
     return out / "llava.json"

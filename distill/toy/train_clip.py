@@ -21,6 +21,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from distill.io import atomic_write
 from distill.toy.world import TRAIN_SEED, sample_pool
 
 CONTEXT_LENGTH = 32
@@ -71,12 +72,8 @@ def save_clip(model: open_clip.CLIP, out_dir: str | Path, model_cfg: dict | None
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": model_cfg or CLIP_MODEL_CFG, "preprocess_cfg": CLIP_PREPROCESS_CFG}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / "open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(out / "open_clip_model.safetensors")
-    tmp = out / "open_clip_config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    tmp.replace(out / "open_clip_config.json")
+    atomic_write(out / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write(out / "open_clip_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return out
 
 

@@ -21,6 +21,7 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from distill.encoders.sam import build_sam
+from distill.io import atomic_write
 from distill.toy.world import TRAIN_SEED, ToySample, sample_pool
 
 
@@ -139,9 +140,8 @@ def save_sam(sam: Sam, out_file: str | Path) -> Path:
     """Write the full Sam state dict as a .pth (official format), via a temp file and rename."""
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".pth.tmp")
-    torch.save({k: v.detach().contiguous() for k, v in sam.state_dict().items()}, tmp)
-    tmp.replace(out)
+    state = {k: v.detach().contiguous() for k, v in sam.state_dict().items()}
+    atomic_write(out, lambda tmp: torch.save(state, tmp))
     return out
 
 
