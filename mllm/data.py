@@ -14,6 +14,7 @@ Each source also gives `eval_items()`: single questions with reference answers a
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -182,8 +183,11 @@ class ToySource(DataSource):
             turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{ALIGN_PROMPT}"},
                      {"from": "gpt", "value": sample.caption}]
         else:
+            # Shuffled per image: evaluation asks single questions, so no kind may always come first.
+            qas = list(sample.qa)
+            random.Random(f"{self.seed}-{index}").shuffle(qas)
             turns = []
-            for position, qa in enumerate(sample.qa):
+            for position, qa in enumerate(qas):
                 prefix = f"{IMAGE_PLACEHOLDER}\n" if position == 0 else ""
                 turns += [{"from": "human", "value": prefix + qa.question}, {"from": "gpt", "value": qa.answer}]
         return {"id": f"toy{self.seed}-{index}", "image": index, "conversations": turns}

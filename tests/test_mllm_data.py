@@ -92,3 +92,18 @@ def test_toy_source_records():
     items = finetune.eval_items()
     assert len(items) == sum(len(finetune.world[i].qa) for i in range(2))
     assert items[0].load_image().size == (64, 64)
+
+
+def test_toy_finetune_records_shuffle_question_order():
+    from mllm.data import ToySource
+
+    source = ToySource(seed=0, num_images=30, stage="finetune")
+    first_questions = set()
+    for index in range(30):
+        record = source.record(index)
+        humans = [t["value"].replace("<image>\n", "") for t in record["conversations"] if t["from"] == "human"]
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+        assert sorted(humans) == sorted(qa.question for qa in source.world[index].qa)  # same QA, new order
+        assert source.record(index) == record  # deterministic
+        first_questions.add(humans[0].split()[0:2].__str__())
+    assert len(first_questions) > 3  # not always the same kind of question first
