@@ -159,21 +159,28 @@ class DataSource:
 
 # ---------------------------------------------------------------- the toy world
 class ToySource(DataSource):
-    """The toy world as LLaVA records: align = one caption per image; finetune = all its QA as a multi-turn chat.
+    """The toy world as LLaVA records: align = one caption per image; finetune = its QA as a chat.
 
     Args:
         seed: world seed (0 = train, 1000 = held-out).
         num_images: number of images (indices 0 .. num_images-1).
         stage: "align" (caption records) or "finetune" (question/answer records).
         image_size: side of the generated images.
+        questions_per_record: finetune turns per record, drawn at random (deterministic per image) from
+            the image's QA; None = all of them. Toy questions name attributes that other questions ask
+            for ("what shape is the yellow object?" answers "what color is the square?"), so with several
+            turns the LM can copy answers from the chat instead of looking; 1 forces it to look.
     """
 
     def __init__(self, seed: int = 0, num_images: int = 2000, stage: Literal["align", "finetune"] = "align",
-                 image_size: int = 64) -> None:
+                 image_size: int = 64, questions_per_record: int | None = None) -> None:
         from distill.toy.world import ToyWorld  # lazy: only toy sources need the generator
 
         if stage not in ("align", "finetune"):
             raise ValueError(f"ToySource stage='{stage}' is unknown; use 'align' or 'finetune'.")
+        if questions_per_record is not None and questions_per_record < 1:
+            raise ValueError(f"ToySource questions_per_record={questions_per_record}; use a number >= 1 or None (all).")
+        self.questions_per_record = questions_per_record
         self.world = ToyWorld(seed=seed, image_size=image_size)
         self.seed, self.num_images, self.stage = seed, num_images, stage
 
@@ -186,6 +193,7 @@ class ToySource(DataSource):
             # Shuffled per image: evaluation asks single questions, so no kind may always come first.
             qas = list(sample.qa)
             random.Random(f"{self.seed}-{index}").shuffle(qas)
+            qas = qas[: self.questions_per_record]
             turns = []
             for position, qa in enumerate(qas):
                 prefix = f"{IMAGE_PLACEHOLDER}\n" if position == 0 else ""

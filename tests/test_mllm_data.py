@@ -107,3 +107,20 @@ def test_toy_finetune_records_shuffle_question_order():
         assert source.record(index) == record  # deterministic
         first_questions.add(humans[0].split()[0:2].__str__())
     assert len(first_questions) > 3  # not always the same kind of question first
+
+
+def test_toy_questions_per_record_limits_turns():
+    from mllm.data import ToySource
+
+    full = ToySource(seed=0, num_images=20, stage="finetune")
+    single = ToySource(seed=0, num_images=20, stage="finetune", questions_per_record=1)
+    kinds = set()
+    for index in range(20):
+        turns = single.record(index)["conversations"]
+        assert len(turns) == 2 and turns[0]["value"].startswith("<image>\n")
+        # the one question is the first of the full record's shuffled order, with its answer
+        assert turns == full.record(index)["conversations"][:2]
+        kinds.add(turns[0]["value"].split("\n")[1].split()[0:2].__str__())
+    assert len(kinds) > 3
+    with pytest.raises(ValueError, match="questions_per_record"):
+        ToySource(stage="finetune", questions_per_record=0)
