@@ -185,6 +185,10 @@ class ToySource(DataSource):
         self.seed, self.num_images, self.stage = seed, num_images, stage
 
     def record(self, index: int) -> dict:
+        return self.record_and_image(index)[0]
+
+    def record_and_image(self, index: int) -> tuple[dict, Image.Image]:
+        """The LLaVA record of image `index` and the image itself (the sample is generated once)."""
         sample = self.world[index]
         if self.stage == "align":
             turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{ALIGN_PROMPT}"},
@@ -198,7 +202,7 @@ class ToySource(DataSource):
             for position, qa in enumerate(qas):
                 prefix = f"{IMAGE_PLACEHOLDER}\n" if position == 0 else ""
                 turns += [{"from": "human", "value": prefix + qa.question}, {"from": "gpt", "value": qa.answer}]
-        return {"id": f"toy{self.seed}-{index}", "image": index, "conversations": turns}
+        return {"id": f"toy{self.seed}-{index}", "image": index, "conversations": turns}, sample.image
 
     def dataset(self, encode: SampleEncoder) -> Dataset:
         records = [{"id": f"toy{self.seed}-{i}", "image": i} for i in range(self.num_images)]
@@ -207,11 +211,12 @@ class ToySource(DataSource):
     def eval_items(self, limit: int | None = None) -> list[EvalItem]:
         items = []
         for index in range(self.num_images):
-            load = (lambda i=index: self.world[i].image)
+            sample = self.world[index]  # generated once; its questions share the image
+            load = (lambda image=sample.image: image)
             if self.stage == "align":
-                items.append(EvalItem(ALIGN_PROMPT, self.world[index].caption, "caption", None, load))
+                items.append(EvalItem(ALIGN_PROMPT, sample.caption, "caption", None, load))
             else:
-                items += [EvalItem(q.question, q.answer, q.kind, q.options, load) for q in self.world[index].qa]
+                items += [EvalItem(q.question, q.answer, q.kind, q.options, load) for q in sample.qa]
         return items[:limit]
 
 
@@ -222,8 +227,7 @@ class _ToyEncode:
         self.source, self.encode = source, encode
 
     def __call__(self, record: dict, image: Image.Image | None) -> dict | None:
-        index = record["image"]
-        return self.encode(self.source.record(index), self.source.world[index].image)
+        return self.encode(*self.source.record_and_image(record["image"]))
 
 
 # ---------------------------------------------------------------- LLaVA JSON

@@ -124,3 +124,24 @@ def test_toy_questions_per_record_limits_turns():
     assert len(kinds) > 3
     with pytest.raises(ValueError, match="questions_per_record"):
         ToySource(stage="finetune", questions_per_record=0)
+
+
+def test_toy_dataset_sample_matches_record_and_image():
+    from torchvision.transforms.functional import to_tensor
+
+    from distill.toy.world import world_texts
+
+    source = ToySource(seed=0, num_images=3, stage="finetune", questions_per_record=2)
+    tokenizer = build_toy_tokenizer(world_texts(source.world, 3))
+    encode = SampleEncoder(tokenizer, num_image_tokens=4, max_length=128, image_size=64)
+    dataset = source.dataset(encode)
+    for index in range(3):
+        expected = encode(source.record(index), source.world[index].image)
+        sample = dataset[index]
+        assert torch.equal(sample["input_ids"], expected["input_ids"])
+        assert torch.equal(sample["labels"], expected["labels"])
+        assert torch.equal(sample["image"], expected["image"])
+    items = source.eval_items()
+    assert len(items) == sum(len(source.world[i].qa) for i in range(3))
+    assert all(torch.equal(to_tensor(item.load_image()), to_tensor(source.world[0].image))
+               for item in items[: len(source.world[0].qa)])
