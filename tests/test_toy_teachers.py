@@ -21,6 +21,7 @@ from distill.toy.cache import ToySettings, cache_status, ensure_cache, toy_path
 from distill.toy.train_clip import build_clip, clip_loss, normalize_clip, save_clip, tokenize
 from distill.toy.train_dino import DinoHead, DinoModel, build_dino_vit, dino_loss, dino_step_loss, multi_crop, save_dino
 from distill.toy.train_sam import decode_batched, point_prompts, predict_masks, sam_batch_loss, sam_pixels, save_sam
+from distill.toy.training import optimizer_step, toy_schedule
 from distill.toy.world import sample_pool
 
 FAST = ToySettings(clip_steps=1, dino_steps=1, sam_steps=1, num_samples=8, lm_texts=8, lm_steps=1, include_lm=False)
@@ -45,11 +46,7 @@ def test_clip_contrastive_loss_decreases(pool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(6):
-        loss = clip_loss(model, pixels, tokens, loss_fn)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(clip_loss(model, pixels, tokens, loss_fn), optimizer))
     assert losses[-1] < losses[0] - 0.1, losses
 
 
@@ -69,11 +66,7 @@ def test_dino_loss_matches_hand_computation_and_decreases(pool):
     center = torch.zeros(student.head.prototypes.shape[0])
     losses = []
     for _ in range(6):
-        loss, _ = dino_step_loss(student, teacher, views, center, teacher_temp=0.04)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(dino_step_loss(student, teacher, views, center, teacher_temp=0.04)[0], optimizer))
     assert losses[-1] < losses[0], losses
 
 
@@ -85,10 +78,7 @@ def test_sam_prompted_mask_loss_decreases(pool):
     losses = []
     for _ in range(6):
         loss = sam_batch_loss(sam, images[:4], samples[:4], torch.Generator().manual_seed(0))  # same prompts each step
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, optimizer))
     assert losses[-1] < losses[0] - 0.05, losses
 
 
@@ -210,3 +200,21 @@ def test_cache_builds_loadable_lm(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder / "lm")
     ids = tokenizer("a red circle.", return_tensors="pt").input_ids
     assert model(ids).logits.shape[:2] == ids.shape
+
+
+def test_toy_schedule_and_optimizer_step():
+    # 20 steps -> warmup 2: ramp (s+1)/2 capped by a cosine over all 20 steps.
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    schedule = toy_schedule(optimizer, 20)
+    expected = [min((s + 1) / 2, 0.5 * (1 + np.cos(np.pi * s / 20))) for s in range(21)]
+    seen = []
+    for _ in range(21):
+        seen.append(optimizer.param_groups[0]["lr"])
+        # gradient (10, 0, 0) has norm 10 -> clipped to norm 2; SGD moves by lr * clipped gradient
+        before = weight.detach().clone()
+        value = optimizer_step((weight * torch.tensor([10.0, 0.0, 0.0])).sum(), optimizer, schedule, max_norm=2.0)
+        assert value == pytest.approx(float((before * torch.tensor([10.0, 0.0, 0.0])).sum()))
+        assert torch.allclose(before - weight.detach(), torch.tensor([2.0 * seen[-1], 0.0, 0.0]), atol=1e-6)
+    assert seen == pytest.approx(expected)
+    assert seen[0] == pytest.approx(0.5) and seen[10] == pytest.approx(0.5) and seen[20] == pytest.approx(0.0)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from distill.io import atomic_write
+from distill.toy.training import optimizer_step, toy_schedule
 from distill.toy.world import TRAIN_SEED, sample_pool
 
 CONTEXT_LENGTH = 32
@@ -104,22 +105,16 @@ def train_clip(
     model = build_clip().train()
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warmup = max(steps // 10, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    )
+    schedule = toy_schedule(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="toy clip", disable=not progress)
     for _ in bar:
         batch = torch.randint(len(samples), (batch_size,), generator=generator)
-        loss = clip_loss(model, normalize_clip(pixels_all[batch]), tokens_all[batch], loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        loss = optimizer_step(clip_loss(model, normalize_clip(pixels_all[batch]), tokens_all[batch], loss_fn),
+                              optimizer, schedule)
         with torch.no_grad():  # CLIP clamps the temperature to at most 100
             model.logit_scale.clamp_(0, math.log(100))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
     return save_clip(model.eval(), out_dir)
 
 

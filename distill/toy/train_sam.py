@@ -11,7 +11,6 @@ does, single-mask output). Saved as a plain state-dict .pth (the official SAM ch
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from distill.encoders.sam import build_sam
 from distill.io import atomic_write
+from distill.toy.training import optimizer_step, toy_schedule
 from distill.toy.world import TRAIN_SEED, ToySample, sample_pool
 
 
@@ -170,21 +170,14 @@ def train_sam(
     pixels_all = torch.from_numpy(images)
     sam = build_sam("tiny").train()
     optimizer = torch.optim.AdamW(sam.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(steps // 10, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    )
+    schedule = toy_schedule(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="toy sam", disable=not progress)
     for _ in bar:
         batch = torch.randint(len(samples), (batch_size,), generator=generator)
-        loss = sam_batch_loss(sam, pixels_all[batch], [samples[i] for i in batch.tolist()], generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss = optimizer_step(sam_batch_loss(sam, pixels_all[batch], [samples[i] for i in batch.tolist()], generator),
+                              optimizer, schedule, max_norm=1.0)
+        bar.set_postfix(loss=f"{loss:.3f}")
     return save_sam(sam.eval(), out_file)
 
 

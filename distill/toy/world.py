@@ -245,26 +245,29 @@ def _side(obj: ToyObject) -> tuple[str, float]:
     return ("top" if dy < 0 else "bottom"), abs(dy)
 
 
+def _ask_attribute(objects: list[ToyObject], target: ToyObject, ask: str, by: str, phrasings: tuple[str, str, str]) -> QA:
+    """A question for `target`'s `ask` attribute naming it by its `by` attribute; adds its texture when
+    `by` alone is ambiguous, and asks how many objects share `by` when even that is. `phrasings` are
+    the three templates (formatted with o=target)."""
+    same = [o for o in objects if getattr(o, by) == getattr(target, by)]
+    if len(same) == 1:
+        return QA(phrasings[0].format(o=target), getattr(target, ask), ask)
+    if sum(o.texture == target.texture for o in same) == 1:
+        return QA(phrasings[1].format(o=target), getattr(target, ask), ask)
+    return QA(phrasings[2].format(o=target), str(len(same)), "count")
+
+
 def make_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[QA]:
     """Questions of every kind the scene supports; existence gives one present and one absent object."""
     qa: list[QA] = []
     shapes = [o.shape for o in objects]
     colors = [o.color for o in objects]
 
-    target = objects[rng.integers(len(objects))]
-    if shapes.count(target.shape) == 1:
-        qa.append(QA(f"what color is the {target.shape}?", target.color, "color"))
-    else:
-        qa.append(QA(f"what color is the {target.texture} {target.shape}?", target.color, "color")
-                  if sum(o.shape == target.shape and o.texture == target.texture for o in objects) == 1
-                  else QA(f"how many {target.shape}s are there?", str(shapes.count(target.shape)), "count"))
-    target = objects[rng.integers(len(objects))]
-    if colors.count(target.color) == 1:
-        qa.append(QA(f"what shape is the {target.color} object?", target.shape, "shape"))
-    else:
-        qa.append(QA(f"what is the shape of the {target.texture} {target.color} object?", target.shape, "shape")
-                  if sum(o.color == target.color and o.texture == target.texture for o in objects) == 1
-                  else QA(f"how many {target.color} objects are there?", str(colors.count(target.color)), "count"))
+    qa.append(_ask_attribute(objects, objects[rng.integers(len(objects))], "color", "shape", (
+        "what color is the {o.shape}?", "what color is the {o.texture} {o.shape}?", "how many {o.shape}s are there?")))
+    qa.append(_ask_attribute(objects, objects[rng.integers(len(objects))], "shape", "color", (
+        "what shape is the {o.color} object?", "what is the shape of the {o.texture} {o.color} object?",
+        "how many {o.color} objects are there?")))
     target = objects[rng.integers(len(objects))]
     qa.append(QA(f"what is the texture of the {target.name}?", target.texture, "texture"))
     target = objects[rng.integers(len(objects))]
@@ -298,18 +301,20 @@ def make_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[Q
 
     target = objects[rng.integers(len(objects))]
     if colors.count(target.color) == 1:
-        others = [s for s in SHAPES if s != target.shape]
-        options = [target.shape] + [others[i] for i in rng.choice(len(others), size=2, replace=False)]
-        options = [options[i] for i in rng.permutation(3)]
-        qa.append(QA(f"what shape is the {target.color} object? options: {', '.join(options)}.",
-                     target.shape, "choice", options))
+        qa.append(_choice_question(target, "shape", SHAPES, "what shape is the {o.color} object? options: {options}.", rng))
     elif shapes.count(target.shape) == 1:
-        others = [c for c in COLORS if c != target.color]
-        options = [target.color] + [others[i] for i in rng.choice(len(others), size=2, replace=False)]
-        options = [options[i] for i in rng.permutation(3)]
-        qa.append(QA(f"what color is the {target.shape}? options: {', '.join(options)}.",
-                     target.color, "choice", options))
+        qa.append(_choice_question(target, "color", COLORS, "what color is the {o.shape}? options: {options}.", rng))
     return qa
+
+
+def _choice_question(target: ToyObject, ask: str, values: tuple[str, ...], template: str, rng: np.random.Generator) -> QA:
+    """A 3-option multiple-choice question for `target`'s `ask` attribute: the answer plus two other
+    `values`, shuffled; `template` is formatted with o=target and the comma-joined options."""
+    answer = getattr(target, ask)
+    others = [v for v in values if v != answer]
+    options = [answer] + [others[i] for i in rng.choice(len(others), size=2, replace=False)]
+    options = [options[i] for i in rng.permutation(3)]
+    return QA(template.format(o=target, options=", ".join(options)), answer, "choice", options)
 
 
 def world_texts(world: ToyWorld, count: int) -> list[str]:
