@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Bump when the generator or a trainer changes in a way that changes the teachers.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 TOY_FILES = {"clip": "clip", "dino": "dino", "sam": "sam.pth", "lm": "lm"}
 MANIFEST = "manifest.json"
 

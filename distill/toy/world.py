@@ -1,9 +1,16 @@
 """The toy world: a procedural image generator with captions, instance masks and questions.
 
-Every sample is a pure function of (seed, image_size, index): 1 to `max_objects` non-overlapping
-objects (shape, color, texture, size, position) drawn on a noisy gray background, a caption that names
+Every sample is a pure function of (seed, image_size, index): 1 to `max_objects` objects (shape, color,
+texture, size), at most one per image quadrant, drawn on a noisy gray background; a caption that names
 only color and shape, or only shape (so CLIP-style training learns those, while texture is left to
-DINO and masks to SAM), instance masks [N, H, W] and short question/answer pairs (single words, numbers, yes/no).
+DINO and masks to SAM); instance masks [N, H, W]; and questions about the objects.
+
+Questions refer to an object by its quadrant ("the object in the top left"), which every tower with a
+spatial token grid can resolve, and each kind is owned by a teacher family's skill: `color` (CLIP),
+`texture` (DINO), `size` (SAM: object extent) and `fusion` ("what color and texture is ...": two
+families at once). Shape is drawn but never asked or used as a reference: no toy teacher learns it.
+Questions are asked only about occupied quadrants and their answers are the attributes of one object;
+objects' attributes are drawn independently, so no question's text gives away another's answer.
 
 Seeds: training data uses seed 0 (`TRAIN_SEED`), held-out evaluation uses seed 1000 (`HELDOUT_SEED`).
 
@@ -38,10 +45,20 @@ COLOR_RGB = {
 # Texture pattern pixels are the object color scaled by this factor (a darker shade, same hue).
 SHADE = 0.35
 NUMBER_WORDS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
-QA_KINDS = ("color", "shape", "texture", "count", "position", "relation", "existence", "choice")
+QA_KINDS = ("color", "texture", "size", "fusion")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+# The kind's question template (formatted with q=the quadrant words) and its answer (from the object).
+QUESTION_TEMPLATES = {
+    "color": "what color is the object in the {q}?",
+    "texture": "what is the texture of the object in the {q}?",
+    "size": "is the object in the {q} small or large?",
+    "fusion": "what color and texture is the object in the {q}?",
+}
 
 # Radius ranges in pixels at 64 px; scaled linearly with image_size.
 _RADIUS_AT_64 = {"small": (5.0, 7.0), "large": (10.0, 13.0)}
+# Centres stay this far (pixels at 64 px) inside the quadrant edges beyond the radius, so objects never touch.
+_QUADRANT_MARGIN_AT_64 = 1.5
 _VIRTUAL_LENGTH = 1_000_000
 
 
@@ -58,22 +75,28 @@ class ToyObject:
     y: float
     radius: float = 0.0
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)
+    quadrant: int = 0
 
     @property
     def name(self) -> str:
-        """The words that identify the object in captions and questions, e.g. 'red circle'."""
+        """The words that name the object in captions, e.g. 'red circle'."""
         return f"{self.color} {self.shape}"
+
+    def answer(self, kind: str) -> str:
+        """The answer to a question of `kind` (one of QA_KINDS) about this object."""
+        return f"{self.color} {self.texture}" if kind == "fusion" else getattr(self, kind)
 
 
 @dataclass
 class QA:
-    """A question with a short answer. `kind` is one of QA_KINDS; `options` is set for 'choice'
-    (the answer is one of them and they are also listed in the question text)."""
+    """A question with a short answer about the object in `quadrant` (index into QUADRANTS). `kind` is
+    one of QA_KINDS; `options` lists every possible answer of that kind (candidates for likelihood scoring)."""
 
     question: str
     answer: str
     kind: str
     options: list[str] | None = None
+    quadrant: int = 0
 
 
 @dataclass
@@ -87,6 +110,10 @@ class ToySample:
     masks: np.ndarray
     caption: str
     qa: list[QA] = field(default_factory=list)
+
+    def questions(self, rng: np.random.Generator) -> list[QA]:
+        """One question of a random kind per object (a training record's turns, in quadrant order)."""
+        return [make_question(obj, QA_KINDS[rng.integers(len(QA_KINDS))]) for obj in self.objects]
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> np.ndarray:
@@ -130,14 +157,14 @@ class ToyWorld:
     Args:
         seed: world seed; 0 for training (TRAIN_SEED), 1000 for held-out evaluation (HELDOUT_SEED).
         image_size: side of the square RGB images in pixels (object sizes scale with it).
-        max_objects: most objects per image (1..max_objects, uniformly); at most 6 fit reliably.
+        max_objects: most objects per image (1..max_objects, uniformly), one per quadrant, so at most 4.
     """
 
     def __init__(self, seed: int = 0, image_size: int = 64, max_objects: int = 4):
         if image_size < 32:
             raise ValueError(f"ToyWorld: image_size={image_size} is too small to draw textures; use >= 32.")
-        if not 1 <= max_objects <= 6:
-            raise ValueError(f"ToyWorld: max_objects={max_objects} must be in 1..6 (more do not fit without overlap).")
+        if not 1 <= max_objects <= len(QUADRANTS):
+            raise ValueError(f"ToyWorld: max_objects={max_objects} must be in 1..4 (one object per quadrant).")
         self.seed = seed
         self.image_size = image_size
         self.max_objects = max_objects
@@ -160,7 +187,7 @@ class ToyWorld:
             image[dark] = rgb * SHADE
         pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="RGB")
         caption = make_caption(objects, rng)
-        qa = make_questions(objects, rng)
+        qa = [make_question(obj, kind) for obj in objects for kind in QA_KINDS]
         stacked = np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
         return ToySample(index=index, image=pil, objects=objects, masks=stacked, caption=caption, qa=qa)
 
@@ -172,48 +199,31 @@ class ToyWorld:
         return (level + tint + noise).astype(np.float32)
 
     def _place_objects(self, rng: np.random.Generator) -> tuple[list[ToyObject], list[np.ndarray]]:
+        """1..max_objects objects in distinct random quadrants (listed in quadrant order), every attribute
+        drawn independently, centred with a random offset that keeps the object inside its quadrant."""
         size = self.image_size
+        half = size / 2.0
         count = int(rng.integers(1, self.max_objects + 1))
+        quadrants = sorted(int(q) for q in rng.choice(len(QUADRANTS), size=count, replace=False))
         objects: list[ToyObject] = []
         masks: list[np.ndarray] = []
-        taken: set[tuple[str, str]] = set()
-        for _ in range(count):
-            # (color, shape) is unique per image so captions and questions name objects unambiguously.
-            while True:
-                color, shape = COLORS[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
-                if (color, shape) not in taken:
-                    break
+        for quadrant in quadrants:
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            color = COLORS[rng.integers(len(COLORS))]
             texture = TEXTURES[rng.integers(len(TEXTURES))]
             size_word = SIZES[rng.integers(len(SIZES))]
-            placed = self._find_spot(rng, size_word, objects)
-            if placed is None and size_word == "large":
-                size_word = "small"
-                placed = self._find_spot(rng, size_word, objects)
-            if placed is None:
-                continue
-            cx, cy, r = placed
+            lo, hi = _RADIUS_AT_64[size_word]
+            r = rng.uniform(lo, hi) * self.scale
+            slack = max(half / 2.0 - r - _QUADRANT_MARGIN_AT_64 * self.scale, 0.0)
+            left, top = (quadrant % 2) * half, (quadrant // 2) * half
+            cx = left + half / 2.0 + rng.uniform(-slack, slack)
+            cy = top + half / 2.0 + rng.uniform(-slack, slack)
             mask = shape_mask(shape, cx, cy, r, size, size)
             ys, xs = np.nonzero(mask)
             bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            taken.add((color, shape))
-            objects.append(ToyObject(shape, color, texture, size_word, cx / size, cy / size, r, bbox))
+            objects.append(ToyObject(shape, color, texture, size_word, cx / size, cy / size, r, bbox, quadrant))
             masks.append(mask)
         return objects, masks
-
-    def _find_spot(
-        self, rng: np.random.Generator, size_word: str, objects: list[ToyObject]
-    ) -> tuple[float, float, float] | None:
-        size = self.image_size
-        lo, hi = _RADIUS_AT_64[size_word]
-        r = rng.uniform(lo, hi) * self.scale
-        gap = 2.0 * self.scale
-        for _ in range(60):
-            cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
-            if all(
-                np.hypot(cx - o.x * size, cy - o.y * size) > r + o.radius + gap for o in objects
-            ):
-                return float(cx), float(cy), float(r)
-        return None
 
 
 def with_article(name: str) -> str:
@@ -237,84 +247,19 @@ def make_caption(objects: list[ToyObject], rng: np.random.Generator) -> str:
     return templates[rng.integers(len(templates))].format(names=names)
 
 
-def _side(obj: ToyObject) -> tuple[str, float]:
-    """The side word (left/right/top/bottom) of the object's larger offset from the image center."""
-    dx, dy = obj.x - 0.5, obj.y - 0.5
-    if abs(dx) >= abs(dy):
-        return ("left" if dx < 0 else "right"), abs(dx)
-    return ("top" if dy < 0 else "bottom"), abs(dy)
+def answer_options(kind: str) -> list[str]:
+    """Every possible answer of a question kind (the candidates ranked by likelihood scoring)."""
+    if kind == "fusion":
+        return [f"{c} {t}" for c in COLORS for t in TEXTURES]
+    return list({"color": COLORS, "texture": TEXTURES, "size": SIZES}[kind])
 
 
-def _ask_attribute(objects: list[ToyObject], target: ToyObject, ask: str, by: str, phrasings: tuple[str, str, str]) -> QA:
-    """A question for `target`'s `ask` attribute naming it by its `by` attribute; adds its texture when
-    `by` alone is ambiguous, and asks how many objects share `by` when even that is. `phrasings` are
-    the three templates (formatted with o=target)."""
-    same = [o for o in objects if getattr(o, by) == getattr(target, by)]
-    if len(same) == 1:
-        return QA(phrasings[0].format(o=target), getattr(target, ask), ask)
-    if sum(o.texture == target.texture for o in same) == 1:
-        return QA(phrasings[1].format(o=target), getattr(target, ask), ask)
-    return QA(phrasings[2].format(o=target), str(len(same)), "count")
-
-
-def make_questions(objects: list[ToyObject], rng: np.random.Generator) -> list[QA]:
-    """Questions of every kind the scene supports; existence gives one present and one absent object."""
-    qa: list[QA] = []
-    shapes = [o.shape for o in objects]
-    colors = [o.color for o in objects]
-
-    qa.append(_ask_attribute(objects, objects[rng.integers(len(objects))], "color", "shape", (
-        "what color is the {o.shape}?", "what color is the {o.texture} {o.shape}?", "how many {o.shape}s are there?")))
-    qa.append(_ask_attribute(objects, objects[rng.integers(len(objects))], "shape", "color", (
-        "what shape is the {o.color} object?", "what is the shape of the {o.texture} {o.color} object?",
-        "how many {o.color} objects are there?")))
-    target = objects[rng.integers(len(objects))]
-    qa.append(QA(f"what is the texture of the {target.name}?", target.texture, "texture"))
-    target = objects[rng.integers(len(objects))]
-    qa.append(QA(f"is the {target.name} small or large?", target.size, "choice", list(SIZES)))
-
-    qa.append(QA("how many objects are there?", str(len(objects)), "count"))
-
-    target = objects[rng.integers(len(objects))]
-    side, _ = _side(target)
-    qa.append(QA(f"where is the {target.name}?", side, "position"))
-
-    if len(objects) >= 2:
-        a, b = (objects[i] for i in rng.choice(len(objects), size=2, replace=False))
-        if rng.random() < 0.5:
-            qa.append(QA(f"is the {a.name} left of the {b.name}?", "yes" if a.x < b.x else "no", "relation"))
-        else:
-            qa.append(QA(f"is the {a.name} above the {b.name}?", "yes" if a.y < b.y else "no", "relation"))
-
-    present = objects[rng.integers(len(objects))]
-    taken = {(o.color, o.shape) for o in objects}
-    absent_pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in taken]
-    # POPE-style "adversarial" negatives: half the time reuse a shape or color that is in the image.
-    near = [p for p in absent_pairs if p[0] in colors or p[1] in shapes]
-    pool = near if near and rng.random() < 0.5 else absent_pairs
-    color, shape = pool[rng.integers(len(pool))]
-    existence = [
-        QA(f"is there {with_article(present.name)} in the image?", "yes", "existence"),
-        QA(f"is there {with_article(color + ' ' + shape)} in the image?", "no", "existence"),
-    ]
-    qa.extend(existence[i] for i in rng.permutation(2))
-
-    target = objects[rng.integers(len(objects))]
-    if colors.count(target.color) == 1:
-        qa.append(_choice_question(target, "shape", SHAPES, "what shape is the {o.color} object? options: {options}.", rng))
-    elif shapes.count(target.shape) == 1:
-        qa.append(_choice_question(target, "color", COLORS, "what color is the {o.shape}? options: {options}.", rng))
-    return qa
-
-
-def _choice_question(target: ToyObject, ask: str, values: tuple[str, ...], template: str, rng: np.random.Generator) -> QA:
-    """A 3-option multiple-choice question for `target`'s `ask` attribute: the answer plus two other
-    `values`, shuffled; `template` is formatted with o=target and the comma-joined options."""
-    answer = getattr(target, ask)
-    others = [v for v in values if v != answer]
-    options = [answer] + [others[i] for i in rng.choice(len(others), size=2, replace=False)]
-    options = [options[i] for i in rng.permutation(3)]
-    return QA(template.format(o=target, options=", ".join(options)), answer, "choice", options)
+def make_question(obj: ToyObject, kind: str) -> QA:
+    """The question of `kind` about `obj`, referring to it by its quadrant."""
+    if kind not in QUESTION_TEMPLATES:
+        raise ValueError(f"make_question: unknown kind {kind!r}; use one of {QA_KINDS}.")
+    text = QUESTION_TEMPLATES[kind].format(q=QUADRANTS[obj.quadrant])
+    return QA(text, obj.answer(kind), kind, answer_options(kind), obj.quadrant)
 
 
 def world_texts(world: ToyWorld, count: int) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from PIL import Image
+import torch
 from torch.utils.data import Dataset
 
 from mllm.data.encode import SampleEncoder
@@ -15,13 +16,16 @@ ALIGN_PROMPT = "describe the image briefly."
 
 @dataclass
 class EvalItem:
-    """One evaluation question: `load_image()` gives the PIL image (None for text-only)."""
+    """One evaluation question: `load_image()` gives the PIL image (None for text-only; cached visual
+    tokens [N, C] for a cached-features source); `image_id` groups the questions of one image (paired
+    bootstrap over images)."""
 
     question: str
     answer: str
     kind: str
     options: list[str] | None
-    load_image: Callable[[], Image.Image | None]
+    load_image: Callable[[], "Image.Image | torch.Tensor | None"]
+    image_id: int | None = None
 
 
 class RecordDataset(Dataset):

@@ -70,7 +70,9 @@ class SampleEncoder:
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
-            "image": None if image is None else image_to_tensor(image, self.image_size, self.pad_to_square),
+            # A tensor is already a tower's cached output (ToySource with `features`): no pixel preprocessing.
+            "image": None if image is None else image if isinstance(image, torch.Tensor)
+            else image_to_tensor(image, self.image_size, self.pad_to_square),
         }
 
 

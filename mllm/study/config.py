@@ -12,7 +12,8 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 STUDENT_PLACEHOLDER = "{student}"
-KINDS = ("single", "ensemble", "student")
+KINDS = ("single", "ensemble", "student", "control")
+CONTROLS = ("blind", "oracle")
 
 
 @dataclass
@@ -21,14 +22,17 @@ class Variant:
 
     Args:
         name: row name in the table (e.g. ``clip``, ``ensemble_all``, ``student``).
-        kind: ``single``, ``ensemble`` or ``student`` (the reading compares the student with the others).
+        kind: ``single``, ``ensemble``, ``student`` or ``control`` (no tower: see ``control``).
         tower: the tower as a class_path/init_args dict (as in configs/mllm); in a student tower the
-            path ``{student}`` is replaced by the distilled student's export folder.
+            path ``{student}`` is replaced by the distilled student's export folder. Empty for controls.
+        control: for kind ``control``: ``blind`` (constant tokens: no image information) or ``oracle``
+            (tokens built from the toy generator's ground truth: perfect perception).
     """
 
     name: str
     kind: str
-    tower: dict
+    tower: dict = field(default_factory=dict)
+    control: str | None = None
 
 
 @dataclass
@@ -39,17 +43,23 @@ class Budget:
         seeds: seeds per variant.
         align_steps: optimizer steps of the align stage.
         finetune_steps: optimizer steps of the finetune stage.
-        distill_steps: optimizer steps of the distillation (when no student is given).
-        eval_images: held-out images whose questions are scored.
+        distill_steps: optimizer steps of each seed's distillation (when no student is given).
+        eval_images: held-out images whose questions (every kind for every object) are scored.
         toy_profile: toy-world build profile ("default" or "smoke": teachers trained for a few steps).
+        train_images: training-world images whose tower tokens are cached and trained on.
+        records_per_image: finetune records per training image (each asks its objects anew).
+        probe_images: training images whose objects fit the linear probes (and the text prior).
     """
 
     seeds: int = 3
     align_steps: int = 300
     finetune_steps: int = 600
     distill_steps: int = 600
-    eval_images: int = 100
+    eval_images: int = 1000
     toy_profile: str = "default"
+    train_images: int = 8000
+    records_per_image: int = 8
+    probe_images: int = 4000
 
 
 @dataclass
@@ -81,7 +91,7 @@ class Study:
     eval_json: str | None = None
     eval_image_folder: str | None = None
     full: Budget = field(default_factory=Budget)
-    smoke: Budget = field(default_factory=lambda: Budget(1, 20, 30, 30, 12, "smoke"))
+    smoke: Budget = field(default_factory=lambda: Budget(1, 20, 30, 30, 40, "smoke", 200, 2, 200))
 
 
 def study_parser() -> ArgumentParser:
@@ -103,7 +113,10 @@ def load_study(path: str | Path) -> Study:
     for v in study.variants:
         if v.kind not in KINDS:
             raise ValueError(f"{path}: variant {v.name!r} has kind {v.kind!r}; use one of {KINDS}")
-        if "class_path" not in v.tower:
+        if v.kind == "control":
+            if v.control not in CONTROLS:
+                raise ValueError(f"{path}: control variant {v.name!r} needs `control` set to one of {CONTROLS}")
+        elif "class_path" not in v.tower:
             raise ValueError(f"{path}: variant {v.name!r} tower needs a class_path (e.g. mllm.towers.SingleEncoderTower)")
     return study
 

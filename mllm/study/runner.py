@@ -1,23 +1,29 @@
-"""Run the study: distill the student (unless given), train and evaluate LLaVA with every variant and
-seed, reuse finished runs (keyed by a hash of their full config), and write the report.
+"""Run the study: distill one student per seed, cache every frozen tower's visual tokens once, fit linear
+probes on them, train LLaVA (align + finetune) per variant and seed on the cached tokens, score the
+held-out questions by likelihood, and write the report with paired statistics.
 
-Each run lives in OUT/runs/<variant>/seed<k>-<key>/ with align.yaml, finetune.yaml (the exact
-configs), align.ckpt, finetune.ckpt, eval.json and record.json (written last: a run with a
-record.json is finished). A failing variant is recorded as failed with its error; the rest go on.
+Variants: towers (single encoders, ensembles, the student) and two controls with no tower: `blind`
+(constant tokens) and `oracle` (tokens built from the generator's ground truth). Towers are frozen, so
+their tokens for the training and evaluation images are computed once (mllm/features.py) and the LLaVA
+loop pays only for projector + LM; every variant, seed and control uses the same recipes, steps, data
+order and questions.
+
+Layout of OUT: features/ (cached tokens), distill-<key>-seed<k>/ (student runs + exports),
+runs/<variant>/seed<k>-<key>/ (align.yaml, finetune.yaml, eval.json, record.json: written last, so a run
+with a record.json is finished and reused), questions.json, probes.json, records.json, results.*.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
 import hashlib
 import json
 import os
-import platform
 import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -25,7 +31,6 @@ from tqdm import tqdm
 from distill.io import atomic_write, save_json
 from mllm.study.config import STUDENT_PLACEHOLDER, Budget, Study, Variant
 from mllm.study.cost import count_params, tower_cost
-from mllm.study.report import aggregate, write_report
 
 
 def config_key(*parts: object) -> str:
@@ -37,22 +42,36 @@ def write_yaml(cfg: dict, path: Path) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg, sort_keys=False)))
 
 
-def stage_config(recipe: dict, tower: dict, stage: str, seed: int, steps: int, run_dir: Path, study: Study) -> dict:
-    """The recipe with this variant's tower, seed, steps and output paths; validation off (evaluated after)."""
+def select_variants(study: Study, only: list[str] | None) -> list[Variant]:
+    """The variants to run (all, or those named in `only`; an unknown name is an error naming the known ones)."""
+    known = [v.name for v in study.variants]
+    unknown = [name for name in only or [] if name not in known]
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)}: no such variant; the study defines {', '.join(known)}.")
+    return [v for v in study.variants if not only or v.name in only]
+
+
+def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path, features: str,
+                 study: Study, budget: Budget) -> dict:
+    """The recipe on cached tokens: CachedTower, the training world with `features`, this seed and steps."""
     cfg = copy.deepcopy(recipe)
     cfg["seed_everything"] = seed
-    cfg["model"]["tower"] = tower
+    cfg["model"]["tower"] = {"class_path": "mllm.features.CachedTower", "init_args": {"features": features}}
     trainer = cfg.setdefault("trainer", {})
     trainer.update(
         max_steps=steps, default_root_dir=str(run_dir / stage), limit_val_batches=0, enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=max(1, min(10, steps)),
+        enable_model_summary=False, log_every_n_steps=max(1, min(50, steps)), enable_checkpointing=False,
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": stage}},
-        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run_dir), "filename": stage, "enable_version_counter": False}},
-                   {"class_path": "distill.timing.StepTimer"}],
+        callbacks=[{"class_path": "distill.timing.StepTimer"}],
     )
     trainer.pop("val_check_interval", None)
-    cfg.setdefault("data", {})["image_size"] = study.image_size
+    data = cfg.setdefault("data", {})
+    data["image_size"] = study.image_size
+    data["val"] = None
+    train = data["train"].setdefault("init_args", {})
+    train.update(seed=0, num_images=budget.train_images, image_size=study.image_size, features=features)
+    if stage == "finetune":
+        train.update(records_per_image=budget.records_per_image)
     return cfg
 
 
@@ -69,23 +88,15 @@ def variant_tower(variant: Variant, study: Study, student: str | None) -> dict:
     return tower
 
 
-def eval_metrics(result: dict) -> dict[str, float]:
-    """Flatten an evaluate_checkpoint result: overall, every question kind, and POPE F1 where present."""
-    metrics = {"overall": result["overall"]["accuracy"]}
-    for kind, entry in result["by_kind"].items():
-        metrics[kind] = entry["accuracy"]
-        if "pope" in entry and kind == "existence":
-            metrics["existence_f1"] = entry["pope"]["f1"]
-    return metrics
+def build_tower(config: dict):
+    """Instantiate a tower from its class_path/init_args config (as the CLI would)."""
+    from jsonargparse import ArgumentParser
 
+    from mllm.towers import VisionTower
 
-def eval_source(study: Study, budget: Budget):
-    """The evaluation questions: a LLaVA JSON benchmark if configured, else the toy world's held-out images."""
-    from mllm.data import LlavaJsonSource, ToySource
-
-    if study.eval_json:
-        return LlavaJsonSource(study.eval_json, study.eval_image_folder)
-    return ToySource(seed=1000, num_images=budget.eval_images, stage="finetune", image_size=study.image_size)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--tower", type=VisionTower)
+    return parser.instantiate_classes(parser.parse_object({"tower": config})).tower
 
 
 def quiet_libraries() -> None:
@@ -96,7 +107,8 @@ def quiet_libraries() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for message in ("Found keys that are in the model state dict", "Found .* module\\(s\\) in eval mode",
-                    "LightningCLI's args parameter", "Checkpoint directory .* exists", "The number of training batches"):
+                    "LightningCLI's args parameter", "Checkpoint directory .* exists", "The number of training batches",
+                    "The '.*_dataloader' does not have many workers"):
         warnings.filterwarnings("ignore", message=message)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -115,18 +127,80 @@ def fit(cfg_path: Path) -> object:
     return make_cli(["fit", "-c", str(cfg_path)])
 
 
-def run_variant(variant: Variant, seed: int, study: Study, budget: Budget, student: str | None,
-                out_dir: Path, force: bool) -> dict:
-    """Train align + finetune, evaluate, measure the tower; return (and store) the run record."""
-    from mllm.evaluate import evaluate_checkpoint
+class Features:
+    """Cached tokens (train + eval images) of every variant and seed, computed on first request."""
 
-    tower = variant_tower(variant, study, student)
+    def __init__(self, study: Study, budget: Budget, out_dir: Path, students: dict[int, str]) -> None:
+        self.study, self.budget, self.students = study, budget, students
+        self.folder = out_dir / "features"
+        self._images: dict[int, torch.Tensor] = {}
+        self._towers: dict[str, object] = {}
+        self.costs: dict[str, dict] = {}
+
+    def images(self, seed: int) -> torch.Tensor:
+        from mllm.features import toy_images
+
+        if seed not in self._images:
+            count = self.budget.train_images if seed == 0 else self.budget.eval_images
+            self._images[seed] = toy_images(seed, count, self.study.image_size)
+        return self._images[seed]
+
+    def tower(self, config: dict):
+        """The tower of `config`, built once."""
+        key = json.dumps(config, sort_keys=True)
+        if key not in self._towers:
+            self._towers[key] = build_tower(config)
+        return self._towers[key]
+
+    def paths(self, variant: Variant, seed: int) -> dict[int, str]:
+        """{world seed: cache file} for the training (0) and held-out (1000) images; measures the tower's
+        cost (parameters, GFLOPs, ms per image) the first time a variant is seen."""
+        from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
+        from mllm.features import blind_tokens, cache_features, oracle_tokens, tower_tokens
+
+        size, grid = self.study.image_size, self.study.grid or 8
+        if variant.kind == "control":
+            config = {"control": variant.control, "grid": grid}
+            make = {"blind": lambda world, n: blind_tokens(n, grid),
+                    "oracle": lambda world, n: oracle_tokens(world, n, size, grid)}[variant.control]
+            self.costs.setdefault(variant.name, {"tower_params_m": 0.0, "gflops_per_image": 0.0, "ms_per_image": 0.0})
+        else:
+            config = variant_tower(variant, self.study, self.students.get(seed) if variant.kind == "student" else None)
+            if variant.name not in self.costs:
+                self.costs[variant.name] = tower_cost(self.tower(config), size)
+
+            def make(world: int, n: int) -> torch.Tensor:
+                return tower_tokens(self.tower(config), self.images(world), desc=f"{variant.name} tokens")
+        out = {}
+        for world, count in ((TRAIN_SEED, self.budget.train_images), (HELDOUT_SEED, self.budget.eval_images)):
+            out[world] = str(cache_features(lambda: make(world, count), variant.name, config, world, count, size,
+                                            self.folder))
+        return out
+
+
+def probe_variant(paths: dict[int, str], study: Study, budget: Budget, objects: dict[int, list]) -> dict[str, float]:
+    """Ridge-probe accuracies of a variant's cached tokens (mllm/study/probes.py)."""
+    from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
+    from mllm.features import load_features
+    from mllm.study.probes import probe_accuracies
+
+    train = load_features(paths[TRAIN_SEED], TRAIN_SEED, study.image_size, budget.probe_images)
+    test = load_features(paths[HELDOUT_SEED], HELDOUT_SEED, study.image_size, budget.eval_images)
+    return probe_accuracies(train, objects[TRAIN_SEED], test, objects[HELDOUT_SEED], study.grid or 8)
+
+
+def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study, budget: Budget,
+                out_dir: Path, force: bool) -> dict:
+    """Train align + finetune on cached tokens, score the held-out questions; return (and store) the record."""
+    from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
+    from mllm.data import ToySource
+    from mllm.loading import load_tokenizer
+    from mllm.scoring import rank_answers
+
     align_recipe = yaml.safe_load(Path(study.align_recipe).read_text())
     finetune_recipe = yaml.safe_load(Path(study.finetune_recipe).read_text())
-    student_key = json.loads((Path(student) / "config.json").read_text()) if student and variant.kind == "student" else None
-    key = config_key(tower, align_recipe, finetune_recipe, seed, budget.align_steps, budget.finetune_steps,
-                     budget.eval_images, budget.toy_profile, study.image_size, study.eval_json, student_key,
-                     os.path.getmtime(Path(student) / "model.safetensors") if student_key else None)
+    key = config_key(paths, align_recipe, finetune_recipe, seed, budget.align_steps, budget.finetune_steps,
+                     budget.records_per_image, budget.eval_images)
     run_dir = out_dir / "runs" / variant.name / f"seed{seed}-{key}"
     record_file = run_dir / "record.json"
     if record_file.is_file() and not force:
@@ -134,21 +208,30 @@ def run_variant(variant: Variant, seed: int, study: Study, budget: Budget, stude
     record = {"variant": variant.name, "kind": variant.kind, "seed": seed, "run_dir": str(run_dir)}
     started = time.time()
     try:
-        align = stage_config(align_recipe, tower, "align", seed, budget.align_steps, run_dir, study)
+        align = stage_config(align_recipe, "align", seed, budget.align_steps, run_dir, paths[TRAIN_SEED], study, budget)
         align["model"]["init_from"] = None
         align_cli = fit(write_yaml(align, run_dir / "align.yaml"))
-        finetune = stage_config(finetune_recipe, tower, "finetune", seed, budget.finetune_steps, run_dir, study)
-        finetune["model"]["init_from"] = str(run_dir / "align.ckpt")
+        align_ckpt = run_dir / "align.ckpt"
+        align_cli.trainer.save_checkpoint(align_ckpt, weights_only=True)
+        finetune = stage_config(finetune_recipe, "finetune", seed, budget.finetune_steps, run_dir, paths[TRAIN_SEED],
+                                study, budget)
+        finetune["model"]["init_from"] = str(align_ckpt)
         cli = fit(write_yaml(finetune, run_dir / "finetune.yaml"))
+        align_ckpt.unlink(missing_ok=True)  # the finetuned weights are what the study scores
         train_seconds = time.time() - started
         model = cli.model.model
-        result = evaluate_checkpoint(str(run_dir / "finetune.ckpt"), source=eval_source(study, budget), image_size=study.image_size,
-                                     out_json=str(run_dir / "eval.json"))
+        source = ToySource(seed=HELDOUT_SEED, num_images=budget.eval_images, stage="finetune",
+                           image_size=study.image_size, features=paths[HELDOUT_SEED])
+        items = source.eval_items()
+        hp = cli.model.hparams
+        predictions = rank_answers(model, load_tokenizer(hp.lm), items, hp.chat_template, image_size=study.image_size)
+        correct = [int(p == i.answer) for p, i in zip(predictions, items)]
+        save_json({"predictions": predictions, "correct": correct}, run_dir / "eval.json")
         record.update(
-            status="ok", error=None, metrics=eval_metrics(result), train_seconds=train_seconds,
-            projector_params=count_params(model.projector), visual_tokens=model.tower.num_tokens,
-            align_steps_per_s=steps_per_second(align_cli), finetune_steps_per_s=steps_per_second(cli),
-            cost=tower_cost(model.tower, study.image_size),
+            status="ok", error=None, accuracy=float(np.mean(correct)), train_seconds=train_seconds,
+            eval_seconds=time.time() - started - train_seconds, projector_params=count_params(model.projector),
+            visual_tokens=model.tower.num_tokens, align_steps_per_s=steps_per_second(align_cli),
+            finetune_steps_per_s=steps_per_second(cli),
         )
     except Exception as err:  # one failing variant must not stop the study
         record.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
@@ -159,19 +242,21 @@ def run_variant(variant: Variant, seed: int, study: Study, budget: Budget, stude
     return record
 
 
-def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool) -> str:
-    """Distill the toy student with the distill recipe (budget.distill_steps) and export it; reused when done."""
+def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, seed: int) -> tuple[str, dict]:
+    """Distill the toy student with seed `seed` (budget.distill_steps) and export it; reused when done.
+    Returns the export folder and the distillation summary (validation cosines, time)."""
     from distill.cli import lightning_cli
     from distill.export import export_student
 
     recipe = yaml.safe_load(Path(study.distill_recipe).read_text())
     key = config_key(recipe, budget.distill_steps, budget.toy_profile)
-    run_dir = out_dir / f"distill-{key}"
-    export = run_dir / "export"
-    if (export / "config.json").is_file() and not force:
-        return str(export)
-    print(f"[study] distilling the student ({budget.distill_steps} steps) into {run_dir}", flush=True)
+    run_dir = out_dir / f"distill-{key}-seed{seed}"
+    export, summary = run_dir / "export", run_dir / "distill.json"
+    if (export / "config.json").is_file() and summary.is_file() and not force:
+        return str(export), json.loads(summary.read_text())
+    print(f"[study] distilling student seed {seed} ({budget.distill_steps} steps) into {run_dir}", flush=True)
     cfg = copy.deepcopy(recipe)
+    cfg["seed_everything"] = seed
     trainer = cfg["trainer"]
     trainer.update(
         max_steps=budget.distill_steps, default_root_dir=str(run_dir), enable_progress_bar=False,
@@ -184,51 +269,80 @@ def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool) ->
     started = time.time()
     cli = lightning_cli(["fit", "-c", str(write_yaml(cfg, run_dir / "distill.yaml"))])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    save_json({"seconds": time.time() - started, "steps": budget.distill_steps, "steps_per_second": steps_per_second(cli),
-               "val": metrics}, run_dir / "distill.json")
     export_student(run_dir / "student.ckpt", export, with_adaptors=True)
-    return str(export)
+    info = {"seed": seed, "seconds": time.time() - started, "steps": budget.distill_steps,
+            "steps_per_second": steps_per_second(cli), "val": metrics}
+    save_json(info, summary)
+    return str(export), info
 
 
-def fairness_header(study: Study, budget: Budget, smoke: bool, seconds: float | None = None) -> str:
-    align = yaml.safe_load(Path(study.align_recipe).read_text())
-    grid = f"{study.grid}x{study.grid} = {study.grid ** 2} visual tokens for every tower" if study.grid else "each tower's own grid"
-    lines = [
-        "# unitower baseline study" + (" (smoke)" if smoke else ""),
-        "",
-        f"Same for every variant: projector `{align['model'].get('projector')}`, LM `{align['model'].get('lm')}`, "
-        f"toy-world data, {budget.align_steps} align + {budget.finetune_steps} finetune steps, seeds 0..{budget.seeds - 1}, "
-        f"{grid}; scored on the questions of {budget.eval_images} held-out images (seed 1000). "
-        f"Metrics: accuracy per question kind (yes/no, exact match, multiple choice), POPE F1 on existence; mean ± std over seeds.",
-    ]
-    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    lines.append(f"\nMeasured {datetime.date.today().isoformat()} on {machine}, {device}"
-                 + (f"; study wall time {seconds / 60:.1f} min." if seconds is not None else "."))
-    return "\n".join(lines)
+def questions(study: Study, budget: Budget) -> list[dict]:
+    """The held-out questions every run answers (question, answer, kind, image id), in scoring order."""
+    from distill.toy.world import HELDOUT_SEED
+    from mllm.data import ToySource
+
+    source = ToySource(seed=HELDOUT_SEED, num_images=budget.eval_images, stage="finetune", image_size=study.image_size)
+    return [{"question": i.question, "answer": i.answer, "kind": i.kind, "image": i.image_id} for i in source.eval_items()]
+
+
+def text_prior(study: Study, budget: Budget, items: list[dict]) -> list[int]:
+    """Correctness of the best image-blind answerer: the most frequent training answer for each question text
+    (over every question of the training images)."""
+    from collections import Counter, defaultdict
+
+    from distill.toy.world import TRAIN_SEED, ToyWorld
+
+    world = ToyWorld(seed=TRAIN_SEED, image_size=study.image_size)
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for index in range(budget.probe_images):
+        for qa in world[index].qa:
+            answers[qa.question][qa.answer] += 1
+    best = {text: counts.most_common(1)[0][0] for text, counts in answers.items()}
+    return [int(best.get(i["question"]) == i["answer"]) for i in items]
 
 
 def run_study(study: Study, budget: Budget, out_dir: Path, smoke: bool = False, force: bool = False,
               only: list[str] | None = None) -> Path:
     """Run every (variant, seed) and write results.md / results.csv / results.png in out_dir."""
     from distill.toy.cache import ensure_cache
+    from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
+    from mllm.study.probes import object_labels
+    from mllm.study.report import write_report
 
     os.environ["UNITOWER_TOY_PROFILE"] = budget.toy_profile
     quiet_libraries()
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
+    variants = select_variants(study, only)
     ensure_cache()
-    variants = [v for v in study.variants if not only or v.name in only]
-    student = study.student
-    if student is None and any(v.kind == "student" for v in variants):
-        student = distill_student(study, budget, out_dir, force)
-    jobs = [(v, seed) for v in variants for seed in range(budget.seeds)]
+    seeds = list(range(budget.seeds))
+    students, distill_info = {}, {}
+    if any(v.kind == "student" for v in variants):
+        for seed in seeds:
+            if study.student is not None:
+                students[seed] = study.student
+            else:
+                students[seed], distill_info[seed] = distill_student(study, budget, out_dir, force, seed)
+    features = Features(study, budget, out_dir, students)
+    objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size),
+               HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size)}
+    items = questions(study, budget)
+    save_json({"questions": items}, out_dir / "questions.json")
+    probes: dict[str, list[dict]] = {}
     records = []
+    jobs = [(v, seed) for v in variants for seed in seeds]
     for variant, seed in tqdm(jobs, desc="study runs", unit="run"):
-        record = run_variant(variant, seed, study, budget, student, out_dir, force)
+        paths = features.paths(variant, seed)
+        if variant.kind == "student" or seed == 0:
+            probes.setdefault(variant.name, []).append(probe_variant(paths, study, budget, objects))
+        record = run_variant(variant, seed, paths, study, budget, out_dir, force)
         tqdm.write(f"[study] {variant.name} seed {seed}: {record['status']}"
-                   + (f" overall={record['metrics']['overall']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
+                   + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
         records.append(record)
-    save_json({"records": records}, out_dir / "records.json")
-    header = fairness_header(study, budget, smoke, time.time() - started)
-    return write_report(aggregate(records), out_dir, header)
+    save_json({"records": records, "costs": features.costs, "probes": probes, "distill": distill_info},
+              out_dir / "records.json")
+    return write_report(
+        records=records, items=items, prior=text_prior(study, budget, items), probes=probes, costs=features.costs,
+        distill=distill_info, study=study, budget=budget, out_dir=out_dir, smoke=smoke,
+        seconds=time.time() - started,
+    )

@@ -1,0 +1,172 @@
+"""Frozen-feature cache: a frozen tower's visual tokens for a set of toy-world images, computed once.
+
+A frozen tower gives the same tokens for the same image at every step and seed, so the study computes
+them once per (tower, image set) and the LLaVA loop then pays only for projector + LM:
+
+    path = cache_features(tower, tower_config, seed=0, num_images=8000, image_size=64, folder="runs/features")
+    source = ToySource(seed=0, num_images=8000, stage="finetune", features=str(path))
+    model = LlavaModel(CachedTower(str(path)), lm)        # the tower passes the cached tokens through
+
+A cache file is `<name>-<key>.safetensors` (tensor `tokens` [num_images, N, C], float32) with a JSON
+beside it (`<name>-<key>.json`: seed, image_size, num_images, num_tokens, dim, the tower config). The
+key hashes the tower config, the world (seed, image size, count, toy BUILD_VERSION) and the weights'
+identity: every existing file or folder named in the config (size and modification time of each file)
+and, for `toy:` names, the toy cache's manifest hash. Files are written atomically.
+
+Controls (no tower): `oracle_tokens` builds tokens from the generator's ground truth (per-cell
+coverage by each colour, texture and size, pooled to the grid like a tower's map) and `blind_tokens`
+gives a constant, so the same LLaVA can be trained with perfect or with no image information.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from distill.io import save_json, save_safetensors
+from mllm.towers import VisionTower, resample_grid
+
+
+def _identity_of(value: Any) -> list:
+    """(path, size, mtime) of every existing file under the paths named in `value` (a config tree)."""
+    found: list = []
+    if isinstance(value, dict):
+        for item in value.values():
+            found += _identity_of(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found += _identity_of(item)
+    elif isinstance(value, str) and value.startswith("toy:"):
+        from distill.toy.cache import PROFILES, active_profile  # lazy: only toy names need the toy cache
+
+        found.append(("toy", PROFILES[active_profile()].digest()))
+    elif isinstance(value, str) and len(value) < 4096 and Path(value).exists():
+        root = Path(value)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        found += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return found
+
+
+def feature_key(tower_config: dict, seed: int, num_images: int, image_size: int) -> str:
+    """Hash of the tower config, the weights it names and the image set (see the module docstring)."""
+    from distill.toy.cache import BUILD_VERSION
+
+    payload = [tower_config, _identity_of(tower_config), seed, num_images, image_size, BUILD_VERSION]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def toy_images(seed: int, num_images: int, image_size: int) -> torch.Tensor:
+    """The first `num_images` toy-world images of `seed` as float [num_images, 3, S, S] in [0, 1]."""
+    from distill.toy.world import ToyWorld
+
+    world = ToyWorld(seed=seed, image_size=image_size)
+    pixels = np.stack([np.asarray(world[i].image) for i in range(num_images)])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.inference_mode()
+def tower_tokens(tower: VisionTower, images: torch.Tensor, batch_size: int = 256, desc: str = "features") -> torch.Tensor:
+    """The frozen `tower`'s tokens [num_images, N, C] for float images [num_images, 3, S, S] in [0, 1]."""
+    tower.eval()
+    chunks = [tower(batch) for batch in tqdm(images.split(batch_size), desc=desc, leave=False, unit="batch")]
+    return torch.cat(chunks).float()
+
+
+def write_features(tokens: torch.Tensor, path: str | Path, info: dict) -> Path:
+    """Write tokens [num_images, N, C] and their JSON description beside them (both atomically)."""
+    path = Path(path)
+    meta = {**info, "num_images": int(tokens.shape[0]), "num_tokens": int(tokens.shape[1]), "dim": int(tokens.shape[2])}
+    save_safetensors({"tokens": tokens}, path)
+    save_json(meta, path.with_suffix(".json"))
+    return path
+
+
+def cache_features(tokens_fn, name: str, config: dict, seed: int, num_images: int, image_size: int,
+                   folder: str | Path) -> Path:
+    """The cache file of `config` on this image set: reused if present, else `tokens_fn()` is computed
+    ([num_images, N, C]) and written. `name` prefixes the file name (e.g. the variant)."""
+    key = feature_key(config, seed, num_images, image_size)
+    path = Path(folder) / f"{name}-seed{seed}-{num_images}-{key}.safetensors"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    info = {"name": name, "seed": seed, "image_size": image_size, "config": config, "key": key}
+    return write_features(tokens_fn(), path, info)
+
+
+def features_info(path: str | Path) -> dict:
+    """The JSON description of a cache file (raises naming the file when it is missing)."""
+    meta = Path(path).with_suffix(".json")
+    if not Path(path).is_file() or not meta.is_file():
+        raise FileNotFoundError(f"cached features '{path}' (or its '{meta.name}') do not exist; the study writes them "
+                                "with mllm.features.cache_features.")
+    return json.loads(meta.read_text())
+
+
+def load_features(path: str | Path, seed: int, image_size: int, num_images: int) -> torch.Tensor:
+    """Tokens [num_images, N, C] of a cache file, checked against the image set that will index them."""
+    info = features_info(path)
+    if info["seed"] != seed or info["image_size"] != image_size or info["num_images"] < num_images:
+        raise ValueError(f"cached features '{path}' hold {info['num_images']} images of seed {info['seed']} at "
+                         f"{info['image_size']} px, but the data asks for {num_images} images of seed {seed} at "
+                         f"{image_size} px; compute the features for this image set.")
+    return load_file(str(path))["tokens"][:num_images]
+
+
+class CachedTower(VisionTower):
+    """A tower whose "images" are already its cached tokens [B, N, C] (from `cache_features`): it passes
+    them through, so the LLaVA loop trains only projector + LM.
+
+    Args:
+        features: a cache file; its JSON gives `dim` and `num_tokens`.
+    """
+
+    def __init__(self, features: str) -> None:
+        super().__init__(trainable=False)
+        info = features_info(features)
+        self.features = features
+        self.dim = int(info["dim"])
+        self._num_tokens = int(info["num_tokens"])
+        self.input_size = (int(info["image_size"]),) * 2
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 3 or tuple(images.shape[1:]) != (self._num_tokens, self.dim):
+            raise ValueError(f"CachedTower({self.features}) expects cached tokens [B, {self._num_tokens}, {self.dim}], "
+                             f"got {tuple(images.shape)}; give the data source the same `features` file.")
+        return images
+
+
+# ------------------------------------------------------------------ controls
+def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int) -> torch.Tensor:
+    """Ground-truth tokens [num_images, grid*grid, 16]: for each cell, the fraction of its pixels that lie in
+    each quadrant (4: where the cell is, as a ViT's position embedding tells a tower), that are covered by
+    an object, and by each colour (6), texture (3) and size (2), pooled to the grid like a tower's map."""
+    from distill.toy.world import COLORS, SIZES, TEXTURES, ToyWorld
+
+    world = ToyWorld(seed=seed, image_size=image_size)
+    half = image_size // 2
+    where = torch.zeros(4, image_size, image_size)
+    for quadrant in range(4):
+        top, left = (quadrant // 2) * half, (quadrant % 2) * half
+        where[quadrant, top:top + half, left:left + half] = 1.0
+    offset = 5  # after the 4 quadrant channels and the object channel
+    maps = torch.zeros(num_images, offset + len(COLORS) + len(TEXTURES) + len(SIZES), image_size, image_size)
+    maps[:, :4] = where
+    for index in range(num_images):
+        sample = world[index]
+        for obj, mask in zip(sample.objects, torch.from_numpy(sample.masks)):
+            for channel in (4, offset + COLORS.index(obj.color), offset + len(COLORS) + TEXTURES.index(obj.texture),
+                            offset + len(COLORS) + len(TEXTURES) + SIZES.index(obj.size)):
+                maps[index, channel] += mask.float()
+    return resample_grid(maps, (grid, grid)).flatten(2).transpose(1, 2).contiguous()
+
+
+def blind_tokens(num_images: int, grid: int, dim: int = 16) -> torch.Tensor:
+    """Constant tokens [num_images, grid*grid, dim] (zeros): the same LLaVA with no image information."""
+    return torch.zeros(num_images, grid * grid, dim)
