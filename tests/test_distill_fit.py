@@ -19,7 +19,7 @@ STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 def make_module(files, dense_loss="cosine_smooth_l1") -> DistillModule:
     teachers = [
         Teacher("clip", OpenClipEncoder(f"local-dir:{files['clip']}")),
-        Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}")),
+        Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=1.0)),
         Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
     ]
     student = StudentViT("vit_small_patch16_224", ["clip", "dino"], num_registers=2, img_size=32, model_args=STUDENT_ARGS)
@@ -32,6 +32,8 @@ def test_steps_lower_loss_on_fixed_batch(tiny_teacher_files, dense_loss):
     module = make_module(tiny_teacher_files, dense_loss)
     module.log = lambda *a, **k: None  # no trainer attached
     images = torch.rand(4, 3, 32, 32)
+    if dense_loss == "mse":
+        module.calibrate([images])
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     module.train()
     assert all(not t.encoder.training for t in module.teachers)  # frozen teachers stay in eval
@@ -72,7 +74,7 @@ def write_config(tmp_path: Path, files, max_steps: int) -> Path:
                 {"class_path": "distill.teacher.Teacher", "init_args": {"name": "clip", "encoder": {
                     "class_path": "distill.encoders.OpenClipEncoder", "init_args": {"model_name": f"local-dir:{files['clip']}"}}}},
                 {"class_path": "distill.teacher.Teacher", "init_args": {"name": "dino", "encoder": {
-                    "class_path": "distill.encoders.TimmEncoder", "init_args": {"model_name": f"local-dir:{files['dino']}"}}}},
+                    "class_path": "distill.encoders.TimmEncoder", "init_args": {"model_name": f"local-dir:{files['dino']}", "crop_pct": 1.0}}}},
                 {"class_path": "distill.teacher.Teacher", "init_args": {"name": "sam", "dense_weight": 0.5, "encoder": {
                     "class_path": "distill.encoders.SamEncoder", "init_args": {"variant": "tiny", "checkpoint": str(files["sam"])}}}},
             ],
