@@ -185,3 +185,30 @@ def test_export_rejects_missing_checkpoint(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         export_student(tmp_path / "nope.ckpt", tmp_path / "out")
+
+
+@pytest.mark.parametrize("loader", ["timm", "TimmWrapperModel", "AutoModel"])
+def test_export_loads_in_timm_and_transformers(fitted_run, loader):
+    """The export loads with timm local-dir, transformers' TimmWrapperModel and AutoModel; all give the trained
+    student's tokens (before the fix transformers raised 'got multiple values for keyword argument num_classes')."""
+    out, student = fitted_run["export"], fitted_run["cli2"].model.student.eval()
+    images = torch.rand(2, 3, 48, 32)  # not the export's img_size: dynamic size must survive the round trip
+    pixels = (images - student.mean) / student.std
+    if loader == "timm":
+        model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        forward = model.forward_features
+    else:
+        import transformers
+
+        cls = getattr(transformers, loader)
+        model = cls.from_pretrained(str(out)).eval()
+        assert type(model).__name__ == "TimmWrapperModel"
+        assert model.config.unitower["summary_names"] == ["clip", "dino"]  # unitower metadata stays readable
+        forward = lambda x: model(pixel_values=x).last_hidden_state  # noqa: E731
+    with torch.no_grad():
+        expected = student.model.forward_features(pixels)
+        got = forward(pixels)
+    diff = (got - expected).abs().max().item()
+    print(f"export round trip via {loader}: tokens {tuple(got.shape)}, max abs diff {diff:.3e}")
+    assert got.shape == expected.shape == (2, student.model.num_prefix_tokens + 6 * 4, 48)
+    assert diff < 1e-5
