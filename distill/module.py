@@ -140,6 +140,8 @@ class DistillModule(L.LightningModule):
     def calibrate(self, batches) -> None:
         """Fit the mse normalizers on the teachers' features of `batches` (images in [0, 1]); with a Trainer
         attached, the statistics are summed over all ranks first so every rank fits identical values."""
+        if not self.dense_norm:
+            return  # cosine_smooth_l1 has nothing to calibrate
         sums = {name: None for name in self.dense_norm}
         for images in batches:
             images = images.to(self.device)
@@ -148,12 +150,15 @@ class DistillModule(L.LightningModule):
             for teacher in self.teachers:
                 batch_sums = self.dense_norm[teacher.name].statistics(teacher.targets(images).dense)
                 sums[teacher.name] = batch_sums if sums[teacher.name] is None else sums[teacher.name] + batch_sums
-        for name, total in sums.items():
-            if total is None:
-                raise ValueError("DistillModule.calibrate got no images; check the training data source.")
+        for teacher in self.teachers:
+            norm, total = self.dense_norm[teacher.name], sums[teacher.name]
+            if total is None:  # no images here: still join the reduce so other ranks do not wait forever
+                total = norm.statistics(torch.zeros(1, teacher.encoder.dense_dim, 1, 1, device=self.device)) * 0
             if self._trainer is not None:
                 total = self.trainer.strategy.reduce(total, reduce_op="sum")
-            self.dense_norm[name].fit(total)
+            if total[0] < 2:
+                raise ValueError("DistillModule.calibrate got no images; check the training data source.")
+            norm.fit(total)
 
     def on_train_start(self) -> None:
         # Fixed statistics, measured once: a resumed run keeps the ones in its checkpoint.

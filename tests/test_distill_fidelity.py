@@ -143,3 +143,10 @@ def test_calibration_sums_statistics_over_ranks(tiny_teacher_files):
             torch.testing.assert_close(module.dense_norm[name].std, std, atol=1e-5, rtol=1e-5)
             assert module.dense_norm[name].count.item() == count
         assert torch.equal(rank0.dense_norm[name].std, rank1.dense_norm[name].std)
+
+
+def test_calibration_without_images_names_the_data(tiny_teacher_files):
+    module = make_module(tiny_teacher_files, "mse")
+    with pytest.raises(ValueError, match="got no images; check the training data source"):
+        module.calibrate([torch.zeros(0, 3, 32, 32)])
+    assert not module.dense_norm["clip"].fitted
