@@ -204,7 +204,7 @@ def test_export_loads_in_timm_and_transformers(fitted_run, loader):
         model = cls.from_pretrained(str(out)).eval()
         assert type(model).__name__ == "TimmWrapperModel"
         assert model.config.unitower["summary_names"] == ["clip", "dino"]  # unitower metadata stays readable
-        forward = lambda x: model(pixel_values=x).last_hidden_state  # noqa: E731
+        forward = lambda x: model(pixel_values=x).last_hidden_state
     with torch.no_grad():
         expected = student.model.forward_features(pixels)
         got = forward(pixels)

@@ -27,7 +27,12 @@ from open_clip.transformer import QuickGELU
 
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.encoders.paths import describe_key_mismatch, require_dir, resolve_model_name, resolve_path
+from distill.encoders.paths import (
+    describe_key_mismatch,
+    require_dir,
+    resolve_model_name,
+    resolve_path,
+)
 
 
 class OpenClipEncoder(Encoder):
