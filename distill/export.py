@@ -2,13 +2,17 @@
 
     python -m distill export --ckpt runs/toy/checkpoints/last.ckpt --out exports/toy [--with-adaptors]
 
-Writes timm's own local-folder format (config.json + model.safetensors), so that
+Writes timm's own local-folder format (config.json + model.safetensors), so that any of
 
     timm.create_model("local-dir:exports/toy", pretrained=True)
+    transformers.TimmWrapperModel.from_pretrained("exports/toy")     # or transformers.AutoModel
+    distill.exported.StudentEncoder("exports/toy")
 
-rebuilds the backbone without unitower installed. Prefix token i of the backbone is the summary
-token of teacher config["unitower"]["summary_names"][i]. With --with-adaptors, adaptors.safetensors
-and adaptors.json hold the per-teacher heads (load them with distill.exported.StudentEncoder).
+rebuilds the backbone without unitower installed. `num_classes` stays out of `model_args`
+(transformers passes num_classes=0 itself and would get it twice). Prefix token i of the backbone is
+the summary token of teacher config["unitower"]["summary_names"][i]. With --with-adaptors,
+adaptors.safetensors and adaptors.json hold the per-teacher heads and, for dense_loss=mse, the fixed
+feature normalizers ("dense_norm.<teacher>.*"; load them with distill.exported.StudentEncoder).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ def timm_config(meta: dict) -> dict:
     """timm's local-dir config.json for the student backbone."""
     s = meta["student"]
     size = s["img_size"]
+    # num_classes lives at the root (timm and transformers both read it there), never in model_args
+    model_args = {k: v for k, v in s["model_args"].items() if k != "num_classes"}
     return {
         "architecture": s["model_name"],
         "num_classes": 0,
-        "model_args": s["model_args"],
+        "model_args": model_args,
         "pretrained_cfg": {
             "input_size": [3, size, size],
             "mean": s["mean"],
@@ -67,9 +73,14 @@ def export_student(ckpt: str | Path, out: str | Path, with_adaptors: bool = Fals
     save_safetensors(backbone, out / "model.safetensors")
     if with_adaptors:
         heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
-        stats = {k.removeprefix("stats."): v for k, v in state.items() if k.startswith("stats.")}
-        save_safetensors({**heads, **{f"stats.{k}": v for k, v in stats.items()}}, out / "adaptors.safetensors")
-        save_json({"dense_loss": meta["dense_loss"], "heads": meta["heads"]}, out / "adaptors.json")
+        norms = {k: v for k, v in state.items() if k.startswith("dense_norm.")}
+        if meta["dense_loss"] == "mse" and not norms:
+            raise ValueError(f"{ckpt}: dense_loss=mse but the checkpoint holds no 'dense_norm.*' statistics to export.")
+        save_safetensors({**heads, **norms}, out / "adaptors.safetensors")
+        save_json(
+            {"dense_loss": meta["dense_loss"], "dense_norm": meta.get("dense_norm"), "heads": meta["heads"]},
+            out / "adaptors.json",
+        )
     # config.json last: a folder with a config is a complete export.
     save_json(timm_config(meta), out / "config.json")
     return out

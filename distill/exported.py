@@ -1,7 +1,8 @@
 """Use an exported student (``python -m distill export``) as an Encoder, e.g. as a LLaVA vision tower.
 
     enc = StudentEncoder("exports/toy")                       # backbone features
-    enc = StudentEncoder("exports/toy", adaptors=["clip"])    # features in CLIP's space (needs --with-adaptors)
+    enc = StudentEncoder("exports/toy", adaptors=["clip"])    # features in CLIP's space (needs --with-adaptors;
+                                                              # mse exports map back with their fixed statistics)
     out = enc(images)                                         # EncoderOutput(summary, dense)
 
 The backbone is loaded with plain timm (`create_model('local-dir:...')`), exactly as other tools do.
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distill.encoders.base import Encoder, EncoderOutput
+from distill.feature_norm import build_normalizer
 from distill.heads import AdaptorHead
 
 
@@ -51,7 +53,10 @@ class StudentEncoder(Encoder):
         self.patch_size = self.model.patch_embed.patch_size[0]
         self.layer = layer
         self.adaptor_names = list(adaptors or [])
-        self.heads = nn.ModuleDict(self._load_heads(folder)) if self.adaptor_names else nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.dense_norm = nn.ModuleDict()  # dense_loss=mse: maps the heads' standardized output to the teacher's space
+        if self.adaptor_names:
+            self._load_heads(folder)
         width = self.model.embed_dim
         if self.adaptor_names:
             dims = [self.heads[n].config for n in self.adaptor_names]
@@ -61,23 +66,30 @@ class StudentEncoder(Encoder):
             self.dense_dim = width
             self.summary_dim = width
 
-    def _load_heads(self, folder: Path) -> dict[str, AdaptorHead]:
+    def _load_heads(self, folder: Path) -> None:
         config_file = folder / "adaptors.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found; export with `python -m distill export --with-adaptors`.")
         config = json.loads(config_file.read_text())
-        if config["dense_loss"] == "mse":
-            raise NotImplementedError("adaptors trained with dense_loss=mse are standardized; use cosine_smooth_l1 exports")
+        norm_kind = config.get("dense_norm")
+        if config["dense_loss"] == "mse" and norm_kind is None:
+            raise ValueError(
+                f"{config_file}: dense_loss=mse but no 'dense_norm' statistics were exported (an export from before "
+                "fixed statistics); re-export the checkpoint of a current `python -m distill fit` run."
+            )
         weights = load_file(str(folder / "adaptors.safetensors"))
-        heads = {}
         for name in self.adaptor_names:
             if name not in config["heads"]:
                 raise KeyError(f"No adaptor for teacher {name!r} in {config_file}; available: {sorted(config['heads'])}")
             head = AdaptorHead(**config["heads"][name])
             prefix = f"{name}."
             head.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-            heads[name] = head
-        return heads
+            self.heads[name] = head
+            if norm_kind is not None:
+                norm = build_normalizer(norm_kind, head.config["dense_dim"])
+                prefix = f"dense_norm.{name}."
+                norm.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+                self.dense_norm[name] = norm
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
@@ -109,6 +121,8 @@ class StudentEncoder(Encoder):
         for i, name in enumerate(self.adaptor_names):
             token = tokens[:, names.index(name)] if name in names else None
             pred_summary, pred_dense = self.heads[name](token, dense)
+            if name in self.dense_norm:
+                pred_dense = self.dense_norm[name].inverse(pred_dense)
             maps.append(pred_dense)
             if i == 0:
                 first_summary = pred_summary

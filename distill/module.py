@@ -3,6 +3,9 @@
 Wires frozen teachers, the student ViT and per-teacher adaptor heads; computes the summary and dense
 losses per teacher, logs each of them, and reports per-teacher cosine similarity on validation.
 Teacher weights are not stored in checkpoints (they are reloaded from their own files).
+With `dense_loss: mse` the teachers' dense features are standardized by fixed per-channel statistics
+measured on `calibration_batches` training batches when training starts (summed over all ranks),
+kept in the checkpoint and written to the export.
 """
 
 from __future__ import annotations
@@ -10,35 +13,18 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from distill import losses
+from distill.feature_norm import build_normalizer
 from distill.heads import AdaptorHead
 from distill.schedule import warmup_cosine
 from distill.student import StudentViT
 from distill.teacher import Teacher
 
 DENSE_LOSSES = ("cosine_smooth_l1", "mse")
-
-
-class FeatureStats(nn.Module):
-    """Running per-channel mean / std of a teacher's dense features (for the standardized MSE loss)."""
-
-    def __init__(self, dim: int, momentum: float = 0.01) -> None:
-        super().__init__()
-        self.momentum = momentum
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-
-    @torch.no_grad()
-    def update(self, dense: torch.Tensor) -> None:
-        flat = dense.float().transpose(0, 1).flatten(1)
-        mean, std = flat.mean(1), flat.std(1)
-        m = 1.0 if not self.initialized else self.momentum
-        self.mean.lerp_(mean, m)
-        self.std.lerp_(std, m)
-        self.initialized.fill_(True)
+DENSE_NORMALIZER = "channel_standardizer"  # the normalizer of the mse loss (feature_norm.NORMALIZERS)
 
 
 class DistillModule(L.LightningModule):
@@ -48,7 +34,7 @@ class DistillModule(L.LightningModule):
         student: the student ViT; its ``summary_names`` must list the teachers that have a summary, in order.
         teachers: the frozen teachers with their loss weights.
         dense_loss: ``cosine_smooth_l1`` (a*cos + b*smooth-L1) or ``mse`` (MSE against teacher features
-            standardized per channel with running statistics).
+            standardized per channel with fixed statistics measured on ``calibration_batches`` batches).
         dense_cosine_weight: a, the cosine part of ``cosine_smooth_l1``.
         dense_smooth_l1_weight: b, the smooth-L1 part of ``cosine_smooth_l1``.
         adaptor_hidden_dim: hidden width of every adaptor MLP.
@@ -56,6 +42,8 @@ class DistillModule(L.LightningModule):
         optimizer: optimizer factory called with the parameter groups (AdamW by default).
         warmup_steps: linear LR warmup steps.
         min_lr_ratio: final LR as a fraction of the peak LR at the end of the cosine decay.
+        calibration_batches: with ``mse``, training batches (per rank) whose teacher features fix the
+            standardization statistics before the first step; ignored by ``cosine_smooth_l1``.
     """
 
     def __init__(
@@ -70,6 +58,7 @@ class DistillModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.01,
+        calibration_batches: int = 16,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teachers", "optimizer"])
@@ -78,6 +67,10 @@ class DistillModule(L.LightningModule):
         names = [t.name for t in teachers]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"teachers need unique names and at least one teacher; got {names}")
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        for t in teachers:
+            _check_full_view(t)
         with_summary = [t.name for t in teachers if t.has_summary]
         if student.summary_names != with_summary:
             raise ValueError(
@@ -94,7 +87,10 @@ class DistillModule(L.LightningModule):
                 for t in teachers
             }
         )
-        self.stats = nn.ModuleDict({t.name: FeatureStats(t.encoder.dense_dim) for t in teachers})
+        # mse only: fixed per-teacher normalizers of the dense targets (fitted by `calibrate`)
+        self.dense_norm = nn.ModuleDict(
+            {t.name: build_normalizer(DENSE_NORMALIZER, t.encoder.dense_dim) for t in teachers} if dense_loss == "mse" else {}
+        )
         self.dense_loss = dense_loss
         self.optimizer_factory = optimizer
 
@@ -123,9 +119,13 @@ class DistillModule(L.LightningModule):
 
     def _dense_loss(self, name: str, pred: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
         if self.dense_loss == "mse":
-            if stage == "train":
-                self.stats[name].update(target)
-            return losses.dense_mse(pred, target, self.stats[name].mean, self.stats[name].std)
+            norm = self.dense_norm[name]
+            if stage == "train" and not norm.fitted:
+                raise RuntimeError(
+                    f"dense_loss=mse: the statistics of teacher '{name}' are not calibrated; DistillModule.calibrate "
+                    "runs at the start of fit (call it yourself when training outside a Trainer)."
+                )
+            return losses.dense_mse(pred, norm(target))
         return losses.dense_cosine_smooth_l1(
             pred, target, self.hparams.dense_cosine_weight, self.hparams.dense_smooth_l1_weight
         )
@@ -134,8 +134,39 @@ class DistillModule(L.LightningModule):
         """Undo the standardization of the MSE loss so predictions compare with raw teacher features."""
         if self.dense_loss != "mse":
             return pred_dense
-        stats = self.stats[name]
-        return pred_dense * stats.std.view(1, -1, 1, 1) + stats.mean.view(1, -1, 1, 1)
+        return self.dense_norm[name].inverse(pred_dense)
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        """Fit the mse normalizers on the teachers' features of `batches` (images in [0, 1]); with a Trainer
+        attached, the statistics are summed over all ranks first so every rank fits identical values."""
+        if not self.dense_norm:
+            return  # cosine_smooth_l1 has nothing to calibrate
+        sums = {name: None for name in self.dense_norm}
+        for images in batches:
+            images = images.to(self.device)
+            if images.numel() == 0:
+                continue
+            for teacher in self.teachers:
+                batch_sums = self.dense_norm[teacher.name].statistics(teacher.targets(images).dense)
+                sums[teacher.name] = batch_sums if sums[teacher.name] is None else sums[teacher.name] + batch_sums
+        for teacher in self.teachers:
+            norm, total = self.dense_norm[teacher.name], sums[teacher.name]
+            if total is None:  # no images here: still join the reduce so other ranks do not wait forever
+                total = norm.statistics(torch.zeros(1, teacher.encoder.dense_dim, 1, 1, device=self.device)) * 0
+            if self._trainer is not None:
+                total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            if total[0] < 2:
+                raise ValueError("DistillModule.calibrate got no images; check the training data source.")
+            norm.fit(total)
+
+    def on_train_start(self) -> None:
+        # Fixed statistics, measured once: a resumed run keeps the ones in its checkpoint.
+        if not self.dense_norm or all(norm.fitted for norm in self.dense_norm.values()):
+            return
+        loader = self.trainer.train_dataloader
+        count = self.hparams.calibration_batches
+        self.calibrate(batch for _, batch in zip(range(count), loader))
 
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         if images.numel() == 0:
@@ -146,13 +177,19 @@ class DistillModule(L.LightningModule):
         if images.numel():
             self.teacher_losses(images, "val")
 
+    def parameter_groups(self) -> list[dict]:
+        """Trainable parameters grouped by timm's `param_groups_weight_decay`: no weight decay on the student's
+        `no_weight_decay()` set (pos_embed, class / register tokens), norms and biases; the rest decays with
+        the optimizer's own `weight_decay`."""
+        skip = [f"student.model.{name}" for name in self.student.model.no_weight_decay()]
+        groups = param_groups_weight_decay(self, weight_decay=1.0, no_weight_decay_list=skip)
+        for group in groups:
+            if group["weight_decay"]:
+                del group["weight_decay"]  # placeholder above; the optimizer's configured value applies
+        return groups
+
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for module in (self.student, self.heads):
-            for param in module.parameters():
-                if param.requires_grad:
-                    (no_decay if param.ndim < 2 else decay).append(param)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        optimizer = self.optimizer_factory(self.parameter_groups())
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -172,6 +209,7 @@ class DistillModule(L.LightningModule):
             },
             "heads": {name: head.config for name, head in self.heads.items()},
             "dense_loss": self.dense_loss,
+            "dense_norm": DENSE_NORMALIZER if self.dense_norm else None,
             "teachers": {
                 t.name: {"summary_dim": t.encoder.summary_dim, "dense_dim": t.encoder.dense_dim,
                          "input_size": list(t.encoder.input_size)}
@@ -188,3 +226,18 @@ class DistillModule(L.LightningModule):
         # Put the current teacher weights back so strict loading still checks the student and heads.
         for key, value in self.teachers.state_dict().items():
             checkpoint["state_dict"].setdefault(f"teachers.{key}", value)
+        # Checkpoints from before the fixed statistics held running EMA ones ('stats.*'); an mse run recalibrates.
+        for key in [k for k in checkpoint["state_dict"] if k.startswith("stats.")]:
+            del checkpoint["state_dict"][key]
+
+
+def _check_full_view(teacher: Teacher) -> None:
+    """Refuse teachers that centre-crop (crop_pct < 1): their feature grid would not line up with the student's."""
+    crop_pct = getattr(teacher.encoder, "crop_pct", 1.0)
+    if crop_pct < 1.0:
+        name = getattr(teacher.encoder, "model_name", type(teacher.encoder).__name__)
+        raise ValueError(
+            f"Teacher '{teacher.name}' ({name}) centre-crops with crop_pct={crop_pct}: it would see only the middle "
+            f"{crop_pct:.0%} of the view the student sees, so dense features would be spatially misregistered. "
+            "Set crop_pct: 1.0 in the teacher encoder's init_args (the whole image, resized to its input size)."
+        )

@@ -7,20 +7,32 @@
 
 Preprocessing reproduces open_clip's eval transform with tensor ops, reading size / mean / std /
 interpolation / resize_mode from the model's preprocess cfg.
+
+OpenAI's CLIP weights were trained with QuickGELU, but open_clip builds nn.GELU for names without the
+'-quickgelu' suffix (e.g. 'ViT-L-14-336'): `quick_gelu=None` picks QuickGELU whenever the weights are
+recognisably OpenAI's (see `OpenClipEncoder`), and OpenAI weights with `quick_gelu=False` are refused.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import warnings
+import zipfile
 
 import open_clip
 import torch
 from open_clip.factory import parse_model_name
+from open_clip.transformer import QuickGELU
 
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.encoders.paths import describe_key_mismatch, require_dir, resolve_model_name, resolve_path
+from distill.encoders.paths import (
+    describe_key_mismatch,
+    require_dir,
+    resolve_model_name,
+    resolve_path,
+)
 
 
 class OpenClipEncoder(Encoder):
@@ -35,6 +47,13 @@ class OpenClipEncoder(Encoder):
         layer: -1 = summary from encode_image (normalize=False) and dense = final patch tokens after
             ln_post; other ints = output of that transformer block (python index, -2 = penultimate),
             summary = its CLS token, no final norm.
+        quick_gelu: MLP activation. True = QuickGELU (open_clip force_quick_gelu), False = nn.GELU,
+            None = automatic: QuickGELU when the weights are OpenAI's -- a `pretrained` tag that open_clip
+            marks quick_gelu (e.g. 'openai') or a state-dict file in the layout of OpenAI's TorchScript
+            release (its extra 'input_resolution' / 'context_length' / 'vocab_size' entries) -- otherwise the
+            model config's own setting ('-quickgelu' names, a local-dir config's "quick_gelu"). OpenAI
+            weights with False raise ValueError; a GELU architecture whose only known weights are OpenAI's
+            loaded from an unrecognised file warns.
     """
 
     def __init__(
@@ -43,12 +62,14 @@ class OpenClipEncoder(Encoder):
         pretrained: str | None = None,
         image_size: int | None = None,
         layer: int = -1,
+        quick_gelu: bool | None = None,
     ) -> None:
         super().__init__()
         model_name = resolve_model_name(model_name)
         pretrained = resolve_path(pretrained)
-        model = _create_open_clip(model_name, pretrained, image_size)
+        model = _create_open_clip(model_name, pretrained, image_size, quick_gelu)
         self.visual = model.visual
+        self.quick_gelu = any(isinstance(m, QuickGELU) for m in self.visual.modules())
         self.preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
         size = self.preprocess_cfg["size"]
         self.input_size = (size, size) if isinstance(size, int) else tuple(size)
@@ -114,10 +135,13 @@ def _has_class_token(visual: torch.nn.Module) -> bool:
     return getattr(getattr(visual, "trunk", None), "cls_token", None) is not None
 
 
-def _create_open_clip(model_name: str, pretrained: str | None, image_size: int | None) -> torch.nn.Module:
+def _create_open_clip(
+    model_name: str, pretrained: str | None, image_size: int | None, quick_gelu: bool | None = None
+) -> torch.nn.Module:
     """open_clip.create_model with errors that say which name / file is wrong and what to do."""
     schema, identifier = parse_model_name(model_name)
     what = f"OpenClipEncoder('{model_name}')"
+    is_file = schema is None and pretrained is not None and os.path.isfile(pretrained)
     if schema is None:
         known = open_clip.list_models()
         if identifier.replace("/", "-") not in known:
@@ -127,7 +151,7 @@ def _create_open_clip(model_name: str, pretrained: str | None, image_size: int |
                 "or pass 'local-dir:DIR' for a folder with open_clip_config.json."
             )
         tags = open_clip.list_pretrained_tags_by_model(identifier)
-        if pretrained is not None and pretrained not in tags and not os.path.isfile(pretrained):
+        if pretrained is not None and pretrained not in tags and not is_file:
             raise FileNotFoundError(
                 f"{what}: pretrained='{pretrained}' is neither a local file nor a known tag (tags: {tags}). "
                 "Pass the path of a state-dict file (.pt/.bin/.safetensors)."
@@ -140,8 +164,9 @@ def _create_open_clip(model_name: str, pretrained: str | None, image_size: int |
     if schema == "local-dir":
         require_dir(identifier, what)
     kwargs = {} if image_size is None else {"force_image_size": image_size}
+    kwargs.update(_activation_kwargs(schema, identifier, pretrained, is_file, quick_gelu, what))
     try:
-        if schema is None and pretrained is not None and os.path.isfile(pretrained):
+        if is_file:
             model = open_clip.create_model(identifier, pretrained=None, **kwargs)
             _load_file(model, pretrained, what)
             return model
@@ -155,8 +180,92 @@ def _create_open_clip(model_name: str, pretrained: str | None, image_size: int |
         ) from error
 
 
+# Entries of OpenAI's TorchScript CLIP state dicts that are metadata, not weights (open_clip drops them too).
+OPENAI_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _activation_kwargs(
+    schema: str | None, identifier: str, pretrained: str | None, is_file: bool, quick_gelu: bool | None, what: str
+) -> dict:
+    """open_clip.create_model kwargs that give the activation decided by `quick_gelu` (see OpenClipEncoder)."""
+    openai = _openai_weights(identifier, pretrained, is_file, what) if schema is None and pretrained else None
+    if quick_gelu is False and openai:
+        raise ValueError(
+            f"{what}: quick_gelu=False (nn.GELU) with {openai}, which was trained with QuickGELU: the features "
+            "would be wrong. Set quick_gelu: true (or leave it unset), or use the '-quickgelu' model name."
+        )
+    if quick_gelu is None and openai:
+        quick_gelu = True
+    if quick_gelu is None and is_file and not _config_quick_gelu(identifier) and _only_quick_gelu_weights(identifier):
+        warnings.warn(
+            f"{what}: '{identifier}' builds nn.GELU, but the only pretrained weights open_clip knows for it "
+            f"({open_clip.list_pretrained_tags_by_model(identifier)}) were trained with QuickGELU. If "
+            f"'{pretrained}' holds those, set quick_gelu: true (or model_name '{identifier}-quickgelu'); "
+            "set quick_gelu: false if the file was trained with GELU.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if quick_gelu is True:
+        return {"force_quick_gelu": True}
+    if quick_gelu is False:
+        return {"quick_gelu": False}  # open_clip applies extra kwargs over the model config
+    return {}
+
+
+def _openai_weights(identifier: str, pretrained: str, is_file: bool, what: str) -> str | None:
+    """A description of why `pretrained` is OpenAI's QuickGELU weights, or None when nothing says so."""
+    if not is_file:
+        if open_clip.get_pretrained_cfg(identifier, pretrained).get("quick_gelu", False):
+            return f"pretrained tag '{pretrained}'"
+        return None
+    if _is_torchscript_archive(pretrained):
+        raise ValueError(
+            f"{what}: '{pretrained}' is a TorchScript archive (OpenAI's own CLIP release), which cannot be read "
+            "with torch.load(weights_only=True). Convert it once: torch.save(torch.jit.load(PATH, "
+            "map_location='cpu').state_dict(), 'clip_openai.pt') and pass that file (QuickGELU is then picked "
+            "automatically), or pass open_clip's state dict of the weights (e.g. hf timm/vit_large_patch14_clip_336.openai)."
+        )
+    if set(OPENAI_JIT_EXTRA_KEYS) <= _state_dict_keys(pretrained):
+        return f"'{pretrained}' (OpenAI TorchScript state-dict layout: {', '.join(OPENAI_JIT_EXTRA_KEYS)})"
+    return None
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _state_dict_keys(path: str) -> set[str]:
+    """Top-level keys of a weight file without reading its tensors (memory-mapped); empty when unreadable."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return set(f.keys())
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) or foreign files: only the layout hint is lost
+        return set()
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return set(state) if isinstance(state, dict) else set()
+
+
+def _config_quick_gelu(identifier: str) -> bool:
+    return bool((open_clip.get_model_config(identifier) or {}).get("quick_gelu", False))
+
+
+def _only_quick_gelu_weights(identifier: str) -> bool:
+    """True when every pretrained tag open_clip lists for this architecture was trained with QuickGELU."""
+    tags = open_clip.list_pretrained_tags_by_model(identifier)
+    return bool(tags) and all(open_clip.get_pretrained_cfg(identifier, t).get("quick_gelu", False) for t in tags)
+
+
 def _load_file(model: torch.nn.Module, path: str, what: str) -> None:
     """open_clip.load_checkpoint (handles its key conversions) with a key-mismatch error that names keys."""
     incompatible = open_clip.load_checkpoint(model, path, strict=False)
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise ValueError(describe_key_mismatch(incompatible.missing_keys, incompatible.unexpected_keys, path, what))
+    unexpected = [k for k in incompatible.unexpected_keys if k not in OPENAI_JIT_EXTRA_KEYS]
+    if incompatible.missing_keys or unexpected:
+        raise ValueError(describe_key_mismatch(incompatible.missing_keys, unexpected, path, what))

@@ -6,7 +6,9 @@
     out = enc(images)  # images [B,3,H,W] in [0,1]; out.summary = CLS [B,C] (None without one), out.dense [B,C,h,w]
 
 Preprocessing reproduces timm's eval transform (resolve_model_data_config + transforms_imagenet_eval:
-resize by crop_pct with the model's interpolation, center crop, normalize) with tensor ops.
+resize by crop_pct with the model's interpolation, center crop, normalize) with tensor ops. With
+`crop_pct < 1` that transform shows the model only the image centre; a distillation teacher must see
+the student's whole view, so DistillModule refuses such teachers unless `crop_pct: 1.0` is set.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class TimmEncoder(Encoder):
         image_size: input size (square) to run at; None = the model's pretrained_cfg input size.
         layer: -1 = tokens after the final norm (summary = CLS); other ints = output of that block
             (python index, -2 = penultimate) without final norm, summary = CLS at that block.
+        crop_pct: fraction of the (short-side resized) image the model sees, centre-cropped; None = the
+            model's pretrained_cfg value (timm's eval transform), 1.0 = the whole image (needed when the
+            features must line up with another model's view of the same image, e.g. as a distillation teacher).
     """
 
     def __init__(
@@ -45,13 +50,20 @@ class TimmEncoder(Encoder):
         pretrained: bool = False,
         image_size: int | None = None,
         layer: int = -1,
+        crop_pct: float | None = None,
     ) -> None:
         super().__init__()
+        if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"TimmEncoder('{model_name}'): crop_pct={crop_pct} must be in (0, 1] (1.0 = whole image).")
         model_name = resolve_model_name(model_name)
         checkpoint = resolve_path(checkpoint)
         self.model = _create_timm(model_name, checkpoint, pretrained, image_size)
         args = {} if image_size is None else {"input_size": (3, image_size, image_size)}
+        if crop_pct is not None:
+            args["crop_pct"] = crop_pct
         self.data_config = resolve_data_config(args, model=self.model)
+        self.model_name = model_name
+        self.crop_pct: float = self.data_config.get("crop_pct") or 0.875  # timm's eval default when unset
         self.input_size = tuple(self.data_config["input_size"][-2:])
         num_blocks = len(self.model.blocks)
         if not -num_blocks <= layer < num_blocks:
@@ -64,7 +76,7 @@ class TimmEncoder(Encoder):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.data_config
-        crop_pct = cfg.get("crop_pct") or 0.875
+        crop_pct = self.crop_pct
         crop_mode = cfg.get("crop_mode") or "center"
         interpolation = cfg.get("interpolation", "bilinear")
         scale_size = tuple(math.floor(s / crop_pct) for s in self.input_size)
