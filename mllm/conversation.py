@@ -258,12 +258,36 @@ def tokenize_conversation(
     template = resolve_chat_template(tokenizer, chat_template)
     text, spans, special = render_conversation(messages, tokenizer, template)
     input_ids = encode_text(text, tokenizer, num_image_tokens, special)
+    boundaries = _token_boundaries(text, sorted({p for span in spans for p in span}), input_ids, tokenizer,
+                                   num_image_tokens, special)
     labels = [IGNORE_INDEX] * len(input_ids)
     for start, end in spans:
-        first = _token_boundary(text, start, input_ids, tokenizer, num_image_tokens, special)
-        last = _token_boundary(text, end, input_ids, tokenizer, num_image_tokens, special)
+        first, last = boundaries[start], boundaries[end]
         labels[first:last] = [i if i != IMAGE_TOKEN_ID else IGNORE_INDEX for i in input_ids[first:last]]
     return truncate(input_ids, labels, max_length)
+
+
+def _token_boundaries(text: str, positions: list[int], full: list[int], tokenizer: Any, num_image_tokens: int,
+                      add_special_tokens: bool) -> dict[int, int]:
+    """Character position -> number of tokens of the whole text before it.
+
+    Fast path: when the pieces between the positions, tokenized one by one, concatenate to the whole text's tokens,
+    no token crosses a position and the counts are read off. Otherwise (e.g. a SentencePiece tokenizer with
+    legacy=False, which adds no "▁" after "</s>" in the whole text but does at the start of a piece) each position
+    is counted from the tokenization of the text before it, checked to be a prefix.
+    """
+    counts, pieces, start = {}, [], 0
+    for position in positions:
+        pieces.append(encode_text(text[start:position], tokenizer, num_image_tokens, add_special_tokens and not start))
+        start = position
+    rest = encode_text(text[start:], tokenizer, num_image_tokens, add_special_tokens and not start)
+    if [token for piece in pieces for token in piece] + rest == full:
+        total = 0
+        for position, piece in zip(positions, pieces):
+            total += len(piece)
+            counts[position] = total
+        return counts
+    return {p: _token_boundary(text, p, full, tokenizer, num_image_tokens, add_special_tokens) for p in positions}
 
 
 def truncate(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:

@@ -113,3 +113,10 @@ def test_plain_template_trains_caption_and_newline_only(tokenizer):
     assert labels == [IGNORE_INDEX] * 2 + ids[2:]
     with pytest.raises(ConversationError, match="plain"):
         tokenize_conversation(RECORD["conversations"], tokenizer, 2, 100, 1, chat_template="plain")
+
+
+def test_plain_answers_stop_at_newline():
+    from mllm.conversation import answer_stop
+
+    assert answer_stop("plain") == "\n"
+    assert answer_stop("vicuna_v1") is None and answer_stop(None) is None
