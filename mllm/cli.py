@@ -4,6 +4,7 @@
     python -m mllm fit -c configs/mllm/toy_clip_finetune.yaml --model.init_from runs/.../align.ckpt
     python -m mllm validate -c configs/mllm/toy_clip_finetune.yaml --ckpt_path last.ckpt
     python -m mllm evaluate --ckpt last.ckpt [--limit 500] [--out results.json]
+        (image size, padding, template and system prompt come from the checkpoint unless a flag sets them)
 """
 
 from __future__ import annotations
@@ -39,18 +40,24 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_argument("--num-images", type=int, default=100, help="toy held-out images (seed 1000)")
     parser.add_argument("--json", default=None, help="LLaVA JSON with questions instead of the toy world")
     parser.add_argument("--image-folder", default=None, help="images of --json")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's training image size")
+    parser.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=None,
+                        help="pad images to square (LLaVA 'pad'); default: as the checkpoint was trained")
+    parser.add_argument("--pad-color", type=int, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="0-255 fill of --pad-to-square; default: the checkpoint's")
+    parser.add_argument("--chat-template", default=None, help="default: the checkpoint's (e.g. vicuna_v1)")
+    parser.add_argument("--system-prompt", default=None, help="default: the checkpoint's")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
-    from mllm.data import LlavaJsonSource, ToySource
+    from mllm.data import LlavaJsonSource
     from mllm.evaluate import evaluate_checkpoint
 
-    source = (LlavaJsonSource(args.json, args.image_folder) if args.json
-              else ToySource(seed=1000, num_images=args.num_images, stage="finetune", image_size=args.image_size))
-    result = evaluate_checkpoint(args.ckpt, source, args.limit, args.image_size, args.max_new_tokens,
-                                 args.batch_size, out_json=args.out)
+    source = LlavaJsonSource(args.json, args.image_folder) if args.json else None  # None: toy held-out images
+    result = evaluate_checkpoint(args.ckpt, source, args.limit, args.image_size, args.max_new_tokens, args.batch_size,
+                                 system_prompt=args.system_prompt, out_json=args.out, pad_to_square=args.pad_to_square,
+                                 pad_color=args.pad_color, chat_template=args.chat_template, num_images=args.num_images)
     result.pop("examples", None)
     print(json.dumps(result, indent=2))
 

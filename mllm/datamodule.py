@@ -27,7 +27,10 @@ class LlavaDataModule(L.LightningDataModule):
         system_prompt: optional system message for every conversation.
         max_length: max tokens per sample; longer ones are truncated (never inside image tokens) or skipped.
         image_size: side images are resized to before the tower's own preprocessing.
-        pad_to_square: pad images to square first (LLaVA-1.5's 'pad' aspect mode).
+        pad_to_square: pad images to square with pad_color first (LLaVA-1.5's `image_aspect_ratio: pad`); else
+            short-side resize + centre crop, as LLaVA's CLIPImageProcessor.
+        pad_color: 0-255 RGB fill of pad_to_square; None = the CLIP processor mean [122, 116, 104] (LLaVA-1.5).
+        image_first: move `<image>` to the front of its turn ("<image>\n" + text), as LLaVA's preprocess_multimodal.
         batch_size: samples per batch.
         num_workers: DataLoader workers.
         num_image_tokens: tokens per image; None = read from the model's tower at setup.
@@ -43,6 +46,8 @@ class LlavaDataModule(L.LightningDataModule):
         max_length: int = 512,
         image_size: int = 64,
         pad_to_square: bool = False,
+        pad_color: list[int] | None = None,
+        image_first: bool = False,
         batch_size: int = 16,
         num_workers: int = 0,
         num_image_tokens: int | None = None,
@@ -53,6 +58,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.tokenizer_spec = tokenizer
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.max_length, self.image_size, self.pad_to_square = max_length, image_size, pad_to_square
+        self.pad_color, self.image_first = pad_color, image_first
         self.batch_size, self.num_workers = batch_size, num_workers
         self.num_image_tokens = num_image_tokens
         self.tokenizer = None
@@ -68,7 +74,15 @@ class LlavaDataModule(L.LightningDataModule):
             self.num_image_tokens = module.model.tower.num_tokens
         self.tokenizer = load_tokenizer(self.tokenizer_spec)
         self.encoder = SampleEncoder(self.tokenizer, self.num_image_tokens, self.max_length, self.image_size,
-                                     self.chat_template, self.system_prompt, self.pad_to_square)
+                                     self.chat_template, self.system_prompt, self.pad_to_square, self.pad_color,
+                                     self.image_first)
+
+    def data_settings(self) -> dict:
+        """What evaluation must reproduce; LlavaModule saves it into every checkpoint ("data_settings")."""
+        return {"image_size": self.image_size, "pad_to_square": self.pad_to_square,
+                "pad_color": None if self.pad_color is None else [int(v) for v in self.pad_color],
+                "chat_template": self.chat_template, "system_prompt": self.system_prompt,
+                "max_length": self.max_length, "image_first": self.image_first}
 
     def _loader(self, source: DataSource, shuffle: bool) -> DataLoader:
         dataset = source.dataset(self.encoder)

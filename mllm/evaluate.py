@@ -21,6 +21,11 @@ from mllm.metrics import score
 from mllm.model import LlavaModel
 
 
+# Used when neither the checkpoint (written before checkpoints carried their data settings) nor a flag sets them.
+DEFAULT_DATA_SETTINGS = {"image_size": 64, "pad_to_square": False, "pad_color": None, "chat_template": None,
+                         "system_prompt": None, "max_length": 512, "image_first": False}
+
+
 def evaluate_model(
     model: LlavaModel,
     tokenizer: Any,
@@ -30,11 +35,13 @@ def evaluate_model(
     batch_size: int = 32,
     chat_template: str | None = None,
     system_prompt: str | None = None,
+    pad_to_square: bool = False,
+    pad_color: list[int] | None = None,
 ) -> dict:
     """Metrics (overall and by kind) plus a few example answers for `items`."""
     started = time.time()
     predictions = generate_answers(model, tokenizer, items, image_size, max_new_tokens, batch_size, chat_template,
-                                   system_prompt)
+                                   system_prompt, pad_to_square, pad_color)
     result = score(predictions, [i.answer for i in items], [i.kind for i in items], [i.options for i in items])
     result["seconds"] = round(time.time() - started, 1)
     result["examples"] = [{"question": i.question, "answer": i.answer, "prediction": p}
@@ -42,21 +49,35 @@ def evaluate_model(
     return result
 
 
+def resolve_data_settings(saved: dict, model_chat_template: str | None, **overrides: Any) -> dict:
+    """The checkpoint's data settings, with every override that is not None replacing the saved value."""
+    settings = {**DEFAULT_DATA_SETTINGS, "chat_template": model_chat_template, **saved}
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    return settings
+
+
 def evaluate_checkpoint(
     ckpt_path: str,
     source: DataSource | None = None,
     limit: int | None = None,
-    image_size: int = 64,
+    image_size: int | None = None,
     max_new_tokens: int = 8,
     batch_size: int = 32,
     system_prompt: str | None = None,
     out_json: str | None = None,
+    pad_to_square: bool | None = None,
+    pad_color: list[int] | None = None,
+    chat_template: str | None = None,
+    num_images: int = 100,
 ) -> dict:
     """Load a `python -m mllm fit` checkpoint, answer `source`'s eval questions, return (and write) metrics.
 
     ckpt_path: a LlavaModule checkpoint written by the CLI (its hyper-parameters rebuild the tower and LM).
-    source: evaluation questions; None = ToySource(seed=1000, num_images=100, stage="finetune").
+    source: evaluation questions; None = the toy world's held-out images, ToySource(seed=1000, num_images,
+        stage="finetune") at the evaluation image size.
     limit: evaluate at most this many questions.
+    image_size, pad_to_square, pad_color, chat_template, system_prompt: None = as the checkpoint was trained (its
+        saved data settings); a value overrides them. The settings used are returned as "data_settings".
     out_json: also write the result here (atomically).
     """
     from mllm.module import LlavaModule  # lazy: keeps metric/generation imports Lightning-free
@@ -68,10 +89,19 @@ def evaluate_checkpoint(
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
         module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     hp = module.hparams
-    source = source if source is not None else ToySource(seed=1000, num_images=100, stage="finetune", image_size=image_size)
-    result = evaluate_model(module.model, load_tokenizer(hp.lm), source.eval_items(limit), image_size, max_new_tokens,
-                            batch_size, hp.chat_template, system_prompt)
+    saved = getattr(module, "data_settings", {}) or {}
+    if not saved:
+        warnings.warn(f"checkpoint '{ckpt_path}' carries no data settings (written before they were saved); "
+                      f"evaluating with {DEFAULT_DATA_SETTINGS} except where flags say otherwise")
+    settings = resolve_data_settings(saved, hp.chat_template, image_size=image_size, pad_to_square=pad_to_square,
+                                     pad_color=pad_color, chat_template=chat_template, system_prompt=system_prompt)
+    if source is None:
+        source = ToySource(seed=1000, num_images=num_images, stage="finetune", image_size=settings["image_size"])
+    result = evaluate_model(module.model, load_tokenizer(hp.lm), source.eval_items(limit), settings["image_size"],
+                            max_new_tokens, batch_size, settings["chat_template"], settings["system_prompt"],
+                            settings["pad_to_square"], settings["pad_color"])
     result["checkpoint"] = str(ckpt_path)
+    result["data_settings"] = settings
     if out_json:
         save_json(result, out_json)
     return result

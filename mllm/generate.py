@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mllm.conversation import prompt_ids
+from mllm.conversation import answer_stop, prompt_ids
 from mllm.data import EvalItem, image_to_tensor
 from mllm.model import LlavaModel
 
@@ -24,8 +24,13 @@ def generate_answers(
     chat_template: str | None = None,
     system_prompt: str | None = None,
     pad_to_square: bool = False,
+    pad_color: tuple[int, int, int] | list[int] | None = None,
 ) -> list[str]:
-    """The model's decoded greedy answer to each item's question (and image), in order."""
+    """The model's decoded greedy answer to each item's question (and image), in order.
+
+    Images are prepared as in training (image_size, pad_to_square, pad_color: see mllm.data.image_to_tensor);
+    answers end at EOS, or for the 'plain' template at the first newline.
+    """
     was_training = model.training
     model.eval()
     num_tokens = model.tower.num_tokens
@@ -42,11 +47,13 @@ def generate_answers(
         for row, ids in enumerate(prompts):  # left padding: every prompt ends where its answer starts
             input_ids[row, length - len(ids):] = torch.tensor(ids)
             attention_mask[row, length - len(ids):] = 1
-        pixels = [image_to_tensor(im, image_size, pad_to_square) for im in images if im is not None]
+        pixels = [image_to_tensor(im, image_size, pad_to_square, pad_color) for im in images if im is not None]
         new_ids = model.generate(
             input_ids.to(device), attention_mask.to(device), torch.stack(pixels).to(device) if pixels else None,
             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        answers += [text.strip() for text in tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+        texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+        stop = answer_stop(chat_template)
+        answers += [(text.split(stop)[0] if stop else text).strip() for text in texts]
     model.train(was_training)
     return answers

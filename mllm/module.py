@@ -27,12 +27,21 @@ from mllm.towers import VisionTower
 
 @dataclass
 class LoraOptions:
-    """LoRA on the LM through peft (finetune stage). r: rank; alpha: scale; dropout; target_modules: LM layer names."""
+    """LoRA on the LM through peft (finetune stage).
 
-    r: int = 8
-    alpha: int = 16
+    The defaults are LLaVA-1.5's scripts/v1_5/finetune_lora.sh (use them with lm_lr 2e-4, projector_lr 2e-5).
+
+    r: adapter rank (LLaVA-1.5: 128).
+    alpha: scale numerator; updates are scaled by alpha / r (LLaVA-1.5: 256).
+    dropout: dropout on the adapter input (LLaVA-1.5: 0.05).
+    target_modules: LM layer names to adapt; "all-linear" = every linear layer of the LM except its output head
+        (LLaVA's find_all_linear_names), or a list such as ["q_proj", "k_proj", "v_proj", "o_proj"].
+    """
+
+    r: int = 128
+    alpha: int = 256
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: str | list[str] = "all-linear"
 
 
 class LlavaModule(L.LightningModule):
@@ -88,6 +97,9 @@ class LlavaModule(L.LightningModule):
         if stage == "finetune" and lora is not None:
             self.model.lm = _with_lora(self.model.lm, lora)
         self.model.projector.requires_grad_(True)
+        # Image size, padding, template, ... of the training data (LlavaDataModule.data_settings); saved into
+        # checkpoints so `python -m mllm evaluate` reproduces them.
+        self.data_settings: dict = {}
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"]).loss
@@ -127,16 +139,23 @@ class LlavaModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trained = self.trained_parameter_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "data_settings"):
+            self.data_settings = datamodule.data_settings()
+        if self.data_settings:
+            checkpoint["data_settings"] = dict(self.data_settings)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _check_keys(self, checkpoint["state_dict"], "checkpoint")
+        self.data_settings = dict(checkpoint.get("data_settings") or {})
 
 
 def _with_lora(lm: torch.nn.Module, lora: LoraOptions) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model  # lazy: peft is only needed for LoRA
 
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+                        target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(lm, config)
 
 

@@ -77,9 +77,46 @@ def test_prompt_ends_at_answer_start(tokenizer):
 
 
 def test_vicuna_template_masks_answers():
-    from mllm.conversation import CHAT_TEMPLATES  # noqa: F401 - the named template is resolved by name
-
-    tokenizer = build_toy_tokenizer(["a chat between a curious human"])
+    tokenizer = build_toy_tokenizer(["a chat between a curious user"])
     ids, labels = tokenize_conversation(RECORD["conversations"][:2], tokenizer, 1, 200, 1, chat_template="vicuna_v1")
     answer = [tokenizer.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert answer == ["<unk>", ".", "</s>"]  # "red" is out of this vocabulary; the answer span is still exact
+
+
+def test_vicuna_v1_is_llavas_text():
+    """LLaVA's conv_vicuna_v1: v1 system prompt ("user", not v0's "human"), " " and "</s>" separators."""
+    from mllm.conversation import LLAVA_TEMPLATES, VICUNA_V1_SYSTEM, render_conversation, to_messages
+
+    assert VICUNA_V1_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                                "gives helpful, detailed, and polite answers to the user's questions.")
+    text, spans, _ = render_conversation(to_messages(RECORD["conversations"]), None, LLAVA_TEMPLATES["vicuna_v1"])
+    assert text == (VICUNA_V1_SYSTEM + " USER: <image>\nWhat color is the circle? ASSISTANT: Red.</s>"
+                    "USER: Is there a square? ASSISTANT: No.</s>")
+    assert [text[a:b] for a, b in spans] == [" Red.</s>", " No.</s>"]
+
+
+def test_image_first_moves_the_placeholder(tokenizer):
+    turns = [{"from": "human", "value": "what color is the circle? <image>"}, {"from": "gpt", "value": "red."}]
+    ids, labels = tokenize_conversation(turns, tokenizer, 2, 100, 1, image_first=True)
+    moved, moved_labels = tokenize_conversation(
+        [{"from": "human", "value": "<image>\nwhat color is the circle?"}, turns[1]], tokenizer, 2, 100, 1)
+    assert (ids, labels) == (moved, moved_labels)
+    kept, _ = tokenize_conversation(turns, tokenizer, 2, 100, 1)
+    assert kept.index(IMAGE_TOKEN_ID) > ids.index(IMAGE_TOKEN_ID)
+
+
+def test_plain_template_trains_caption_and_newline_only(tokenizer):
+    turns = [{"from": "human", "value": "what color is the circle?\n<image>"}, {"from": "gpt", "value": "red."}]
+    ids, labels = tokenize_conversation(turns, tokenizer, 2, 100, 1, chat_template="plain")
+    assert ids[:2] == [IMAGE_TOKEN_ID] * 2  # the question is dropped (no BOS: this tokenizer adds none)
+    assert [tokenizer.convert_ids_to_tokens(i) for i in ids[2:]] == ["red", "."]  # the word-level tokenizer drops "\n"
+    assert labels == [IGNORE_INDEX] * 2 + ids[2:]
+    with pytest.raises(ConversationError, match="plain"):
+        tokenize_conversation(RECORD["conversations"], tokenizer, 2, 100, 1, chat_template="plain")
+
+
+def test_plain_answers_stop_at_newline():
+    from mllm.conversation import answer_stop
+
+    assert answer_stop("plain") == "\n"
+    assert answer_stop("vicuna_v1") is None and answer_stop(None) is None

@@ -10,24 +10,44 @@ import warnings
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import to_tensor
+from torchvision.transforms.v2 import functional as F
 
 from mllm.conversation import IGNORE_INDEX, ConversationError, tokenize_conversation
 
-def image_to_tensor(image: Image.Image, image_size: int, pad_to_square: bool = False) -> torch.Tensor:
-    """RGB [3, image_size, image_size] in [0, 1]; pad_to_square pads with the mean color first (LLaVA-1.5 'pad')."""
+# LLaVA-1.5 pads with its CLIP processor's mean x 255 (OpenAI CLIP mean 0.4815, 0.4578, 0.4082 -> 122, 116, 104).
+CLIP_PAD_COLOR = (122, 116, 104)
+
+
+def expand_to_square(image: Image.Image, pad_color: tuple[int, int, int] | list[int]) -> Image.Image:
+    """LLaVA's expand2square: paste the image centred on a square canvas of its long side filled with pad_color."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), tuple(int(v) for v in pad_color))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def image_to_tensor(image: Image.Image, image_size: int, pad_to_square: bool = False,
+                    pad_color: tuple[int, int, int] | list[int] | None = None) -> torch.Tensor:
+    """RGB [3, image_size, image_size] in [0, 1], as LLaVA-1.5's CLIPImageProcessor before normalization.
+
+    pad_to_square (LLaVA's `image_aspect_ratio: pad`): first pad to square with pad_color (0-255 RGB; None = the
+    CLIP processor mean, CLIP_PAD_COLOR). Then resize the short side to image_size (bicubic) and centre-crop
+    image_size x image_size (offsets rounded down, as transformers' center_crop), so nothing is squashed.
+    """
     image = image.convert("RGB")
-    if pad_to_square and image.width != image.height:
-        side = max(image.size)
-        mean = tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(0))
-        canvas = Image.new("RGB", (side, side), mean)
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
+    if pad_to_square:
+        image = expand_to_square(image, CLIP_PAD_COLOR if pad_color is None else pad_color)
     if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BICUBIC)
+        image = F.resize(image, [image_size], interpolation=InterpolationMode.BICUBIC)
+        width, height = image.size
+        image = F.crop(image, (height - image_size) // 2, (width - image_size) // 2, image_size, image_size)
     return to_tensor(image)
 
 
@@ -41,11 +61,15 @@ class SampleEncoder:
         image_size: side the images are resized to before the tower's own preprocessing.
         chat_template: template name/string; None = the tokenizer's own.
         system_prompt: optional system message.
-        pad_to_square: pad images to square before resizing.
+        pad_to_square: pad images to square (pad_color) before resizing, LLaVA-1.5's 'pad'; else short-side
+            resize + centre crop.
+        pad_color: 0-255 RGB fill for pad_to_square; None = the CLIP processor mean (CLIP_PAD_COLOR).
+        image_first: move `<image>` to the front of its turn, as LLaVA's preprocess_multimodal.
     """
 
     def __init__(self, tokenizer: Any, num_image_tokens: int, max_length: int, image_size: int,
-                 chat_template: str | None = None, system_prompt: str | None = None, pad_to_square: bool = False) -> None:
+                 chat_template: str | None = None, system_prompt: str | None = None, pad_to_square: bool = False,
+                 pad_color: tuple[int, int, int] | list[int] | None = None, image_first: bool = False) -> None:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
@@ -53,6 +77,8 @@ class SampleEncoder:
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.pad_to_square = pad_to_square
+        self.pad_color = pad_color
+        self.image_first = image_first
         self.skipped: Counter = Counter()
 
     def __call__(self, record: dict, image: Image.Image | None) -> dict | None:
@@ -60,7 +86,7 @@ class SampleEncoder:
             input_ids, labels = tokenize_conversation(
                 record["conversations"], self.tokenizer, self.num_image_tokens, self.max_length,
                 num_images=0 if image is None else 1, chat_template=self.chat_template,
-                system_prompt=self.system_prompt,
+                system_prompt=self.system_prompt, image_first=self.image_first,
             )
         except ConversationError as error:
             self.skipped[type(error).__name__] += 1
@@ -72,7 +98,7 @@ class SampleEncoder:
             "labels": torch.tensor(labels),
             # A tensor is already a tower's cached output (ToySource with `features`): no pixel preprocessing.
             "image": None if image is None else image if isinstance(image, torch.Tensor)
-            else image_to_tensor(image, self.image_size, self.pad_to_square),
+            else image_to_tensor(image, self.image_size, self.pad_to_square, self.pad_color),
         }
 
 
