@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distill.toy.shards import export_llava_json, export_shards, sample_conversation
-from distill.toy.world import COLOR_RGB, COLORS, QA_KINDS, SHADE, SHAPES, ToyWorld
+from distill.toy.world import COLOR_RGB, COLORS, QA_KINDS, QUADRANTS, SHADE, SHAPES, ToyWorld, answer_options
 
 INDICES = range(40)
 
@@ -82,35 +82,45 @@ def test_caption_names_every_object_by_color_and_shape_only(samples):
     assert 0 < shape_only < len(samples) / 2
 
 
-def test_answers_agree_with_objects(samples):
+def test_one_object_per_quadrant_inside_it(samples):
+    for s in samples:
+        quadrants = [o.quadrant for o in s.objects]
+        assert quadrants == sorted(set(quadrants))
+        for obj, mask in zip(s.objects, s.masks):
+            ys, xs = np.nonzero(mask)
+            top, left = (obj.quadrant // 2) * 32, (obj.quadrant % 2) * 32
+            assert left <= xs.min() and xs.max() < left + 32 and top <= ys.min() and ys.max() < top + 32
+
+
+def test_every_object_gets_every_kind_with_its_answer(samples):
+    for s in samples:
+        assert len(s.qa) == len(QA_KINDS) * len(s.objects)
+        for q in s.qa:
+            obj = next(o for o in s.objects if o.quadrant == q.quadrant)
+            assert QUADRANTS[q.quadrant] in q.question and q.answer in q.options
+            expected = {"color": obj.color, "texture": obj.texture, "size": obj.size,
+                        "fusion": f"{obj.color} {obj.texture}"}[q.kind]
+            assert q.answer == expected
+            assert not any(shape in q.question for shape in SHAPES)  # shape is never a reference
+    assert len(answer_options("fusion")) == 18 and answer_options("size") == ["small", "large"]
+
+
+def test_question_text_gives_away_no_answer(samples):
+    """The text of a question depends only on its kind and quadrant, never on the scene."""
+    texts = {(q.kind, q.quadrant): q.question for s in samples for q in s.qa}
+    for s in samples:
+        for q in s.qa:
+            assert texts[(q.kind, q.quadrant)] == q.question
+    assert len(set(texts.values())) == len(QA_KINDS) * len(QUADRANTS)
+
+
+def test_training_questions_one_per_object_random_kind(samples):
+    rng = np.random.default_rng(0)
     kinds = set()
     for s in samples:
-        by_name = {o.name: o for o in s.objects}
-        existence = [q for q in s.qa if q.kind == "existence"]
-        assert sorted(q.answer for q in existence) == ["no", "yes"]
-        for q in s.qa:
-            kinds.add(q.kind)
-            assert q.kind in QA_KINDS and len(q.answer.split()) == 1
-            if q.question == "how many objects are there?":
-                assert q.answer == str(len(s.objects))
-            if q.kind == "existence":
-                named = q.question.removeprefix("is there ").removesuffix(" in the image?").split(" ", 1)[1]
-                assert (named in by_name) == (q.answer == "yes")
-            if q.kind == "color" and q.question.startswith("what color is the "):
-                shape = q.question.removeprefix("what color is the ").rstrip("?").split()[-1]
-                assert any(o.color == q.answer and o.shape == shape for o in s.objects)
-            if q.kind == "shape" and q.question.startswith("what shape is the "):
-                color = q.question.split()[4]
-                assert [o.shape for o in s.objects if o.color == color] == [q.answer]
-            if q.kind == "texture":
-                name = q.question.removeprefix("what is the texture of the ").rstrip("?")
-                assert by_name[name].texture == q.answer
-            if q.kind == "choice":
-                assert q.options and q.answer in q.options
-            if q.kind == "relation":
-                a, b = q.question.removeprefix("is the ").rstrip("?").split(" left of the " if "left" in q.question else " above the ")
-                truth = by_name[a].x < by_name[b].x if "left" in q.question else by_name[a].y < by_name[b].y
-                assert q.answer == ("yes" if truth else "no")
+        asked = s.questions(rng)
+        assert [q.quadrant for q in asked] == [o.quadrant for o in s.objects]
+        kinds |= {q.kind for q in asked}
     assert kinds == set(QA_KINDS)
 
 
