@@ -4,6 +4,7 @@
     python -m mllm fit -c configs/mllm/toy_clip_finetune.yaml --model.init_from runs/.../align.ckpt
     python -m mllm validate -c configs/mllm/toy_clip_finetune.yaml --ckpt_path last.ckpt
     python -m mllm evaluate --ckpt last.ckpt [--limit 500] [--out results.json]
+    python -m mllm export --ckpt last.ckpt --out hf_llava/      (transformers LlavaForConditionalGeneration folder)
 """
 
 from __future__ import annotations
@@ -59,5 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "evaluate":
         evaluate_main(argv[1:])
+    elif argv and argv[0] == "export":
+        from mllm.hf_export import export_main  # lazy: only the export needs the transformers mapping
+
+        export_main(argv[1:])
     else:
         make_cli(argv)
