@@ -35,7 +35,7 @@ def smoke_world():
 
 @pytest.fixture(scope="module")
 def exported(smoke_world, tmp_path_factory):
-    """A finetune-stage toy LLaVA trained 30 steps by `python -m mllm fit`, exported with `python -m mllm export`."""
+    """A finetune-stage toy LLaVA trained 120 steps by `python -m mllm fit`, exported with `python -m mllm export`."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mllm.cli import main
@@ -44,14 +44,14 @@ def exported(smoke_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_export")
     config = {
         "seed_everything": 0,
-        "trainer": {"max_steps": 30, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+        "trainer": {"max_steps": 120, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
                     "default_root_dir": str(tmp / "run"), "num_sanity_val_steps": 0,
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp / "run"), "filename": "finetune"}}]},
         "model": {"tower": {"class_path": "mllm.towers.SingleEncoderTower", "init_args": {"grid": 8, "encoder": {
                       "class_path": "distill.encoders.OpenClipEncoder",
                       "init_args": {"model_name": "toy:clip", "layer": -2}}}},
-                  "lm": "toy:lm", "stage": "finetune", "projector_lr": 3e-3, "lm_lr": 3e-4},
+                  "lm": "toy:lm", "stage": "finetune", "projector_lr": 1e-2, "lm_lr": 1e-3},
         "data": {"train": {"class_path": "mllm.data.ToySource",
                            "init_args": {"seed": 0, "num_images": 32, "stage": "finetune", "questions_per_record": 1}},
                  "batch_size": 8, "image_size": IMAGE_SIZE, "max_length": 160},
