@@ -68,7 +68,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, image_size: int | None = Non
 
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint '{ckpt_path}' does not exist; pass a .ckpt written by `python -m mllm fit`.")
-    data = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
+    data = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
         module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu")
@@ -195,12 +195,13 @@ def vision_export(tower: VisionTower) -> dict:
 
 def _refuse_timm(encoder: Any) -> None:
     raise ExportError(
-        f"SingleEncoderTower(TimmEncoder) cannot be exported: transformers' LlavaForConditionalGeneration takes "
-        f"`vision_tower(...).hidden_states[vision_feature_layer]` as [batch, tokens, channels], but TimmWrapperModel's "
-        f"hidden_states come from timm forward_intermediates in NCHW layout without the prefix tokens, so "
-        f"LlavaForConditionalGeneration would project [batch, channels, h, w] maps (wrong axis) and its 'default' "
-        f"strategy would drop a channel instead of the CLS token. This needs custom model code (trust_remote_code). "
-        f"Export an open_clip ViT tower, or evaluate with the lmms-eval entry mllm/lmms_eval.py."
+        "SingleEncoderTower(TimmEncoder) cannot be exported: transformers' LlavaForConditionalGeneration takes "
+        "`vision_tower(...).hidden_states[vision_feature_layer]` as [batch, tokens, channels], but TimmWrapperModel's "
+        "hidden_states come from timm forward_intermediates in NCHW layout without the prefix tokens, so Llava would "
+        "project [batch, channels, h, w] maps along the wrong axis (and its 'default' strategy would drop a channel "
+        "instead of the CLS token); its projector also reads vision_config.hidden_size, which TimmWrapperConfig lacks. "
+        "This needs custom model code (trust_remote_code). Export an open_clip ViT tower, or evaluate with the "
+        "lmms-eval entry mllm/lmms_eval.py."
     )
 
 

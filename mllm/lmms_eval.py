@@ -48,7 +48,7 @@ def load_checkpoint(ckpt: str, device: str = "cpu"):
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"unitower lmms-eval model: checkpoint '{ckpt}' does not exist; pass "
                                 "--model_args ckpt=PATH of a .ckpt written by `python -m mllm fit`.")
-    data = torch.load(ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
+    data = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
         module = LlavaModule.load_from_checkpoint(ckpt, map_location=device)

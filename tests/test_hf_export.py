@@ -202,3 +202,29 @@ def test_refuses_what_llava_cannot_compute(toy_encoders):
         vision_export(SingleEncoderTower(OpenClipEncoder("toy:clip", layer=-1)))
     kept = vision_export(SingleEncoderTower(toy_encoders["clip"], keep_cls=True))
     assert kept["select_strategy"] == "full" and kept["feature_layer"] == -2
+
+
+def test_transformers_llava_still_cannot_run_a_timm_wrapper_vit(tmp_path):
+    """Why timm towers are refused: Llava cannot even be built on TimmWrapperConfig (no hidden_size), and with one
+    given it projects TimmWrapper's NCHW hidden states along the wrong axis. If this ever passes through, the
+    installed transformers can express timm towers and the export should map them instead of refusing."""
+    import timm
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, TimmWrapperConfig
+
+    from distill.encoders.tiny import write_timm_dir
+
+    vision = TimmWrapperConfig.from_pretrained(str(write_timm_dir(tmp_path / "vit")))
+    vision.model_args = {k: v for k, v in (vision.model_args or {}).items() if k != "num_classes"}  # issue 10's bug
+    text = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=49, vision_feature_layer=-2)
+    with pytest.raises(AttributeError, match="hidden_size"):
+        LlavaForConditionalGeneration(config)
+    vision.hidden_size = timm.create_model(vision.architecture, pretrained=False).embed_dim
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=49,
+                                                      vision_feature_layer=-2)).eval()
+    pixels = torch.zeros(1, 3, *vision.pretrained_cfg["input_size"][-2:])
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+        assert hidden.ndim == 4 and hidden.shape[1] == vision.hidden_size  # NCHW, no prefix tokens
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            model.model.get_image_features(pixel_values=pixels)
