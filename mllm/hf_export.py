@@ -12,11 +12,15 @@ What maps (transformers' Llava is CLIP-like vision model -> 2-layer MLP projecto
 - LM: the causal LM's base model -> model.language_model, lm_head -> lm_head; LoRA adapters are merged (in place).
 - processor: the tokenizer with `<image>` added (a new id past the LM's vocabulary: one zero embedding row, and
   generation_config.suppress_tokens keeps generate from emitting it), the chat template (the processor's version also
-  takes content lists such as [{"type": "image"}, {"type": "text", ...}]), and a CLIP image processor (PIL backend)
-  that squashes to the tower's input size and normalizes with its mean/std, as unitower's data path does.
+  takes content lists such as [{"type": "image"}, {"type": "text", ...}]), and a CLIP image processor that squashes
+  to the tower's input size (bicubic) and normalizes with its mean/std, as unitower's data path does. Load it with
+  `AutoProcessor.from_pretrained(out, backend="pil")` for pixels identical to unitower's PIL resize; the default
+  torchvision backend resizes slightly differently (max abs 0.015 after normalization on a resized toy image).
+- weights are written in float32 (the dtype transformers builds the model in).
 
 Refused with an ExportError that says why: ensemble towers (transformers' Llava has one vision model), student
-towers and timm towers (see _refuse_timm: Llava reads NCHW maps from TimmWrapper's hidden states), a `grid` that
+towers and timm towers (see _refuse_timm: Llava reads NCHW maps from TimmWrapper's hidden states, and
+TimmWrapperConfig has no hidden_size for its projector), a `grid` that
 resamples the token map, the final layer (layer -1 applies ln_post to patch tokens; CLIPVisionModel's hidden states
 are pre-norm), open_clip ViTs with layer scale / attention pooling / no ln_pre, other projectors.
 """
