@@ -73,6 +73,7 @@ def exported(smoke_world, tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # shares the module fixture: `python -m mllm fit` 120 steps + export
 def test_config_says_what_unitower_does(exported):
     hf, module = exported["hf"], exported["module"]
     assert type(hf.model.vision_tower).__name__ == "CLIPVisionModel"
@@ -83,6 +84,7 @@ def test_config_says_what_unitower_does(exported):
     assert hf.config.image_token_id == len(exported["tokenizer"])  # a new id after the LM's vocabulary
 
 
+@pytest.mark.slow  # shares the module fixture: `python -m mllm fit` 120 steps + export
 def test_vision_features_equal_unitower_tower(exported):
     module, hf, processor = exported["module"], exported["hf"], exported["processor"]
     images = [item.load_image() for item in exported["items"][:4]]
@@ -102,6 +104,7 @@ def test_vision_features_equal_unitower_tower(exported):
     assert pixel_diff < 1e-5 and token_diff < 1e-4 and projected_diff < 1e-4
 
 
+@pytest.mark.slow  # shares the module fixture: `python -m mllm fit` 120 steps + export
 def test_processor_resizes_like_unitower(exported):
     """A non-square image of another size: the PIL backend squashes exactly as unitower's data path does."""
     from transformers import AutoProcessor
@@ -135,6 +138,7 @@ def _unitower_new_ids(module, tokenizer, item, min_new_tokens: int = 0) -> tuple
     return ids, new[0].tolist()
 
 
+@pytest.mark.slow  # shares the module fixture: `python -m mllm fit` 120 steps + export
 def test_generate_gives_unitowers_tokens(exported):
     module, tokenizer, hf, processor = exported["module"], exported["tokenizer"], exported["hf"], exported["processor"]
     items = exported["items"]
