@@ -5,6 +5,7 @@
     python -m mllm validate -c configs/mllm/toy_clip_finetune.yaml --ckpt_path last.ckpt
     python -m mllm evaluate --ckpt last.ckpt [--limit 500] [--out results.json]
         (image size, padding, template and system prompt come from the checkpoint unless a flag sets them)
+    python -m mllm export --ckpt last.ckpt --out hf_llava/      (transformers LlavaForConditionalGeneration folder)
 """
 
 from __future__ import annotations
@@ -66,5 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "evaluate":
         evaluate_main(argv[1:])
+    elif argv and argv[0] == "export":
+        from mllm.hf_export import export_main  # lazy: only the export needs the transformers mapping
+
+        export_main(argv[1:])
     else:
         make_cli(argv)
