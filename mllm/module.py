@@ -92,14 +92,17 @@ class LlavaModule(L.LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"]).loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        # Skipped samples are counted (running total `train/skipped`) by the DataModule's on_before_batch_transfer.
+        if batch["input_ids"] is None:
+            return None  # every sample of this batch was skipped
         loss = self(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        if batch["num_skipped"]:
-            self.log("train/skipped", float(batch["num_skipped"]), reduce_fx="sum", batch_size=1)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if batch["input_ids"] is None:
+            return None
         loss = self(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
