@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
+from distill.io import load_weights
 from mllm.loading import load_lm
 from mllm.model import LlavaModel
 from distill.schedule import warmup_cosine
@@ -159,7 +160,6 @@ def _check_keys(module: torch.nn.Module, state: dict, source: str) -> None:
 
 def load_trained_weights(module: LlavaModule, path: str) -> None:
     """Load a LlavaModule checkpoint's (trained-only) weights into `module`, e.g. the align stage's projector."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint)
+    state = load_weights(path, f"init_from '{path}'")  # weights_only always; names missing / unsafe / unreadable
     _check_keys(module, state, f"init_from '{path}'")
     module.load_state_dict(state, strict=False)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
+from pathlib import Path
 
 import open_clip
 import torch
@@ -21,6 +23,7 @@ from open_clip.factory import parse_model_name
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
 from distill.encoders.paths import describe_key_mismatch, require_dir, resolve_model_name, resolve_path
+from distill.io import load_weights
 
 
 class OpenClipEncoder(Encoder):
@@ -146,8 +149,11 @@ def _create_open_clip(model_name: str, pretrained: str | None, image_size: int |
             _load_file(model, pretrained, what)
             return model
         return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-    except RuntimeError as error:
-        if "state_dict" not in str(error):
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if "state_dict" not in str(error):  # not a key / shape mismatch: the safe loader names the problem
+            file = _weights_file(identifier) if schema == "local-dir" else pretrained
+            if file and os.path.isfile(file):
+                load_weights(file, what)
             raise
         raise ValueError(
             f"{what}: the weights in '{identifier if schema else pretrained}' do not fit the architecture "
@@ -155,8 +161,14 @@ def _create_open_clip(model_name: str, pretrained: str | None, image_size: int |
         ) from error
 
 
+def _weights_file(folder: str) -> str:
+    """The weight file open_clip reads from a local-dir folder (the folder itself if none is found)."""
+    files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")) + sorted(Path(folder).glob("*.pth"))
+    return str(files[0]) if files else folder
+
+
 def _load_file(model: torch.nn.Module, path: str, what: str) -> None:
     """open_clip.load_checkpoint (handles its key conversions) with a key-mismatch error that names keys."""
-    incompatible = open_clip.load_checkpoint(model, path, strict=False)
+    incompatible = open_clip.load_checkpoint(model, path, strict=False, weights_only=True)
     if incompatible.missing_keys or incompatible.unexpected_keys:
         raise ValueError(describe_key_mismatch(incompatible.missing_keys, incompatible.unexpected_keys, path, what))
