@@ -213,6 +213,10 @@ def run_study(study: Study, budget: Budget, out_dir: Path, smoke: bool = False, 
     """Run every (variant, seed) and write results.md / results.csv / results.png in out_dir."""
     from distill.toy.cache import ensure_cache
 
+    known = [v.name for v in study.variants]
+    unknown = [name for name in only or [] if name not in known]
+    if unknown:  # fail before any work: a typo must not give an empty table
+        raise ValueError(f"--only {' '.join(unknown)}: unknown variant(s); the study's variants are {known}.")
     os.environ["UNITOWER_TOY_PROFILE"] = budget.toy_profile
     quiet_libraries()
     started = time.time()
