@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distill.io import load_checkpoint, save_json, save_safetensors
+from distill.io import load_checkpoint as read_checkpoint, save_json, save_safetensors
 
 
 def load_checkpoint(ckpt: str | Path) -> dict:
@@ -25,7 +25,7 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"Checkpoint {ckpt} does not exist; pass the .ckpt of a `python -m distill fit` run.")
-    checkpoint = load_checkpoint(ckpt, "distill export --ckpt")  # weights_only=True always
+    checkpoint = read_checkpoint(ckpt, "distill export --ckpt")  # weights_only=True always
     if "unitower" not in checkpoint:
         raise ValueError(f"{ckpt} has no 'unitower' metadata: it was not written by distill.module.DistillModule.")
     return checkpoint

@@ -137,6 +137,7 @@ def pickle_bomb(tmp_path, monkeypatch):
 
 def _loaders():
     from distill.checkpoint_io import AtomicCheckpointIO
+    from distill.export import load_checkpoint as load_distill_checkpoint
     from distill.io import load_weights
     from mllm.evaluate import evaluate_checkpoint
     from mllm.module import load_trained_weights
@@ -149,6 +150,7 @@ def _loaders():
         "mllm init_from": lambda p: load_trained_weights(None, str(p)),
         "mllm evaluate": lambda p: evaluate_checkpoint(str(p)),
         "--ckpt_path (resume)": lambda p: AtomicCheckpointIO().load_checkpoint(p),
+        "distill export": lambda p: load_distill_checkpoint(p),
     }
 
 
