@@ -94,9 +94,10 @@ class LlavaDataModule(L.LightningDataModule):
         return [] if self.val_source is None else self._loader(self.val_source, shuffle=False)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Count the batch's skipped samples (main process, exact) and log the running total."""
+        """Count the batch's skipped samples (main process, exact), log the running total, drop the markers."""
+        batch = dict(batch)
         kept = 0 if batch["input_ids"] is None else len(batch["input_ids"])
-        self.skips.record(self.trainer, batch["skipped"], kept)
+        self.skips.record(self.trainer, batch.pop("skipped"), kept)
         return batch
 
     def teardown(self, stage: str) -> None:

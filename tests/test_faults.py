@@ -398,3 +398,101 @@ def test_unknown_study_variant_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"--only clipp: unknown variant\(s\); the study's variants are \[.*'clip'"):
         run_study(study, with_budget(study, True, 1), tmp_path, only=["clip", "clipp"])
     assert not any(tmp_path.iterdir())  # nothing was run or written
+
+
+# ------------------------------------------------------------------------------------------------ both CLIs
+
+
+def read_csv_metric(root: Path, name: str) -> list[float]:
+    import csv
+
+    (path,) = root.rglob("metrics.csv")
+    with open(path) as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> dict:
+    from distill.encoders.tiny import write_timm_dir
+    from mllm.tiny import write_tiny_lm
+
+    tmp = tmp_path_factory.mktemp("lm")
+    return {"lm": str(write_tiny_lm(tmp / "lm", steps=2)), "vit": str(write_timm_dir(tmp / "vit"))}
+
+
+def mllm_fit(tmp_path: Path, tiny_lm: dict, train: dict, max_length: int = 64) -> None:
+    import yaml
+
+    from mllm.cli import make_cli
+
+    config = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "num_sanity_val_steps": 0,
+                    "log_every_n_steps": 1, "default_root_dir": str(tmp_path / "run"), "enable_checkpointing": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}},
+        "model": {"tower": {"class_path": "mllm.towers.SingleEncoderTower", "init_args": {"grid": 2, "encoder": {
+                      "class_path": "distill.encoders.TimmEncoder",
+                      "init_args": {"model_name": f"local-dir:{tiny_lm['vit']}", "pretrained": True}}}},
+                  "lm": tiny_lm["lm"], "stage": "align"},
+        "data": {"train": train, "batch_size": 4, "image_size": 32, "max_length": max_length},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_cli(["fit", "-c", str(tmp_path / "config.yaml")])
+
+
+def test_mllm_cli_fit_on_damaged_shards(tmp_path, shards, tiny_lm, capsys):
+    """`python -m mllm fit` trains through every fault; train/skipped is the exact running total (ends at 11)."""
+    mllm_fit(tmp_path, tiny_lm, {"class_path": "mllm.data.WebDataSource",
+                                 "init_args": {"urls": str(shards / SHARD_URLS), "shuffle_buffer": 0}})
+    skipped = read_csv_metric(tmp_path / "logs", "train/skipped")
+    assert skipped == sorted(skipped) and skipped[-1] == 11.0  # cumulative, never re-added
+    assert "data summary: [train] 40 items used, 11 skipped" in capsys.readouterr().out
+
+
+def test_mllm_cli_fit_on_toy_export_shards(tmp_path, tiny_lm, capsys):
+    """`python -m mllm fit` on `python -m distill.toy export` shards (was KeyError: 'conversations')."""
+    from distill.toy.shards import export_shards
+    from distill.toy.world import ToyWorld
+
+    export_shards(ToyWorld(seed=0, image_size=32), tmp_path / "shards", count=8)
+    mllm_fit(tmp_path, tiny_lm, {"class_path": "mllm.data.WebDataSource",
+                                 "init_args": {"urls": str(tmp_path / "shards" / "000000.tar"), "shuffle_buffer": 0}},
+             max_length=400)
+    assert "data summary: [train] 8 items used, none skipped." in capsys.readouterr().out
+
+
+def test_distill_cli_fit_on_damaged_shards(tmp_path, shards, tiny_teacher_files, capsys):
+    """`python -m distill fit` trains through every fault and logs the exact running total. The training loader
+    drops the last partial batch (drop_last): 51 items = 12 batches of 4 + 3 dropped items (shard 2's last sample,
+    its truncation marker, the missing shard's marker), so 42 images are used and 6 of the 8 markers counted."""
+    import yaml
+
+    from distill.cli import lightning_cli
+
+    files = tiny_teacher_files
+    teacher = lambda name, cls, args: {"class_path": "distill.teacher.Teacher", "init_args": {  # noqa: E731
+        "name": name, "encoder": {"class_path": cls, "init_args": args}}}
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
+                    "log_every_n_steps": 1, "default_root_dir": str(tmp_path / "run"), "enable_checkpointing": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}},
+        "model": {
+            "student": {"class_path": "distill.student.StudentViT", "init_args": {
+                "model_name": "vit_small_patch16_224", "summary_names": ["dino"], "num_registers": 0, "img_size": 16,
+                "model_args": {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 1}}},
+            "teachers": [teacher("dino", "distill.encoders.TimmEncoder", {"model_name": f"local-dir:{files['dino']}"})],
+            "adaptor_hidden_dim": 16,
+        },
+        "data": {"train": {"class_path": "distill.data.ShardImages",
+                           "init_args": {"urls": str(shards / SHARD_URLS), "resampled": False, "shuffle_buffer": 0}},
+                 "image_size": 16, "batch_size": 4, "num_workers": 0},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lightning_cli(["fit", "-c", str(tmp_path / "config.yaml")])
+    skipped = read_csv_metric(tmp_path / "logs", "train/skipped")
+    assert skipped == sorted(skipped) and skipped[-1] == 6.0
+    assert "data summary: [train] 42 items used, 6 skipped" in capsys.readouterr().out
