@@ -210,3 +210,18 @@ def test_timm_local_dir_with_checkpoint_of_other_model(tmp_path):
     tiny.write_timm_state_dict(tmp_path / "reg4.pth", reg_tokens=4)
     with pytest.raises(ValueError, match=r"reg4.pth' do not fit the architecture.*1 unexpected keys \(e.g. \['reg_token'\]\)"):
         TimmEncoder("local-dir:" + str(folder), checkpoint=str(tmp_path / "reg4.pth"))
+
+
+def test_lm_folder_with_pickle_payload_is_refused(tmp_path, pickle_bomb):
+    from distill.io import UnsafeCheckpointError
+    from mllm.loading import load_lm
+    from mllm.tiny import write_tiny_lm
+
+    path, marker = pickle_bomb
+    folder = write_tiny_lm(tmp_path / "lm", steps=1)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    (folder / "pytorch_model.bin").write_bytes(path.read_bytes())
+    with pytest.raises(UnsafeCheckpointError, match=r"LM '.*lm': '.*pytorch_model.bin' was refused because loading it would run pickled code"):
+        load_lm(str(folder))
+    assert not marker.exists()
