@@ -3,12 +3,13 @@
     image = decode_image(path_or_bytes, where="shard.tar :: 000012.jpg", file="shard.tar")  # RGB PIL or Skipped
     for item in tar_samples(["a.tar", "b.tar"]):      # webdataset-style sample dicts or Skipped markers
         ...
-    tally = SkipTally("train"); tally.add(marker); tally.check(max_skipped_fraction=0.5); print(tally.summary())
+    tally = SkipTally("train", max_skipped_fraction=0.5); tally.add([marker], used=31); print(tally.summary())
 
 Policy (the same for distill and mllm):
 - Every image is fully decoded here (truncated files fail here, not later in a transform) and converted to
-  8-bit RGB: 16-bit and 32-bit integer grayscale ("I;16", "I") is scaled from 0..65535 to 0..255 (PIL's
-  convert("RGB") would clip it to white); palette, CMYK, YCbCr, LAB, HSV, 1-bit and grayscale images go
+  8-bit RGB: 16-bit integer grayscale ("I;16*", and "I", which PIL uses for 16-bit PNG / TIFF gray) is scaled
+  from 0..65535 to 0..255 (PIL's convert("RGB") would clip it to white); 16-bit RGB(A) PNGs are already
+  reduced to 8 bits by PIL's decoder; palette, CMYK, YCbCr, LAB, HSV, 1-bit and grayscale images go
   through PIL's conversion; images with alpha (RGBA, LA, PA, palette with transparency) are composited on
   a white background (what a browser shows on a white page), never left with the raw colour under
   transparent pixels. Float images ("F") have no defined range and are skipped with that reason.
@@ -18,8 +19,9 @@ Policy (the same for distill and mllm):
 - Tar shards are read with Python's tarfile in its tolerant mode (`ignore_zeros`), one member after the other.
   A garbage header mid-shard no longer ends the shard: the damaged bytes are skipped up to the next valid
   header and reported (one marker naming the shard, the byte range and the members either side); a truncated
-  shard reports its truncated member; a missing or unreadable shard is one marker. Samples that lose a member
-  this way are then skipped by the consumer ("no image member"), so every lost sample is counted once.
+  shard reports where it was cut; a missing or unreadable shard is one marker. A sample that loses a member
+  this way is then skipped by the consumer ("no image member"), so each lost sample is counted once and each
+  damaged region once more (a garbage header counts 2: "damaged tar header" + "no image member").
 - `SkipTally` (main process) counts markers by reason and by file, warns (the first 20 in full, then at every
   power of ten), stops a run once more than `max_skipped_fraction` of at least MIN_ITEMS_FOR_CEILING items were
   skipped (naming the worst files), and writes the final summary.
@@ -118,7 +120,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # ------------------------------------------------------------------------------------------------- tar shards
 
 
-def tar_samples(urls: Iterable[str | dict], keep_meta: bool = False) -> Iterator[dict | Skipped]:
+def tar_samples(urls: Iterable[str | dict]) -> Iterator[dict | Skipped]:
     """Samples (dicts of member extension -> bytes, plus `__key__` and `__url__`) of each shard in `urls`
     (paths, URLs or webdataset's {"url": ...} dicts), with Skipped markers for what could not be read.
 
@@ -266,7 +268,6 @@ class SkipTally:
         self.used = 0
         self.by_reason: Counter = Counter()
         self.by_file: Counter = Counter()
-        self.examples: dict[str, str] = {}
 
     @property
     def skipped(self) -> int:
@@ -278,7 +279,6 @@ class SkipTally:
         for marker in markers:
             self.by_reason[marker.reason] += 1
             self.by_file[marker.file] += 1
-            self.examples.setdefault(marker.reason, marker.where)
             total = self.skipped
             if not quiet and (total <= FULL_WARNINGS or _power_of_ten(total)):
                 more = "" if total <= FULL_WARNINGS else " (warnings now only at every power of ten)"
@@ -304,13 +304,6 @@ class SkipTally:
         worst = ", ".join(f"{f} ({n})" for f, n in self.by_file.most_common(3))
         return (f"[{self.name}] {self.used} items used, {self.skipped} skipped: {dict(self.by_reason)}; "
                 f"worst files: {worst}")
-
-    def state_dict(self) -> dict:
-        return {"used": self.used, "by_reason": dict(self.by_reason), "by_file": dict(self.by_file)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.used = int(state.get("used", 0))
-        self.by_reason, self.by_file = Counter(state.get("by_reason", {})), Counter(state.get("by_file", {}))
 
 
 def _power_of_ten(n: int) -> bool:
