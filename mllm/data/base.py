@@ -32,7 +32,7 @@ def encode_or_skip(encode: Callable[[dict, Image.Image | None], dict | None], re
         return image
     sample = encode(record, image)
     if sample is None:
-        return Skipped(where, file, "bad conversation", "rejected by the tokenizer step (see its warning)")
+        return Skipped(where, file or where, "bad conversation", "rejected by the tokenizer step (see its warning)")
     return sample
 
 
