@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from distill.io import load_checkpoint as read_checkpoint, save_json, save_safetensors
+from distill.io import load_checkpoint as read_checkpoint
+from distill.io import save_json, save_safetensors
 
 
 def load_checkpoint(ckpt: str | Path) -> dict:

@@ -12,7 +12,7 @@ from functools import partial
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from distill.decode import DataSkips
+from distill.skips import DataSkips
 from mllm.data import DataSource, SampleEncoder, ToySource, collate
 from mllm.loading import load_tokenizer
 

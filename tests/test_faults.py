@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from distill.data import DistillDataModule, ImageFolder, ShardImages
-from distill.decode import DataQualityError, DataSkips, SkipTally, Skipped, decode_image, tar_samples
+from distill.decode import decode_image, tar_samples
+from distill.skips import DataQualityError, DataSkips, Skipped, SkipTally
 from mllm.tiny import TINY_TEXTS, tiny_image, tiny_qa
 
 GRAY16 = round(0.38 * 65535)  # a 16-bit gray level whose true brightness is 0.38
@@ -93,7 +94,7 @@ def shards(tmp_path_factory) -> Path:
     """000000.tar: one fault per sample; 000001.tar: 30 samples, garbage header on sample 15's png;
     000002.tar: 8 samples cut inside sample 5's png; 000003.tar: missing."""
     root = tmp_path_factory.mktemp("shards")
-    j = lambda i: json.dumps(conversation(i)).encode()  # noqa: E731
+    j = lambda i: json.dumps(conversation(i)).encode()
     write_tar(root / "000000.tar", clean_samples(4) + [
         ("s4.jpg", truncated_jpeg()), ("s4.json", j(4)),
         ("s5.jpg", b""), ("s5.json", j(5)),
@@ -254,12 +255,11 @@ def test_distill_ceiling_stops_a_mostly_broken_run(tmp_path):
         (tmp_path / f"good{i:03d}.png").write_bytes(good_png(i))
     source = ImageFolder(str(tmp_path))
     dm = DistillDataModule(train=source, val=source, image_size=16, batch_size=10, num_workers=0, max_skipped_fraction=0.5)
-    with pytest.raises(DataQualityError, match=r"70 of 100 items skipped \(70%\), more than max_skipped_fraction=0.5. "
-                                               r"Worst files: .*broken000.jpg \(1\)"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for batch in dm.val_dataloader():
-                dm.on_before_batch_transfer(batch, 0)
+    expected = r"70 of 100 items skipped \(70%\), more than max_skipped_fraction=0.5. Worst files: .*broken000.jpg \(1\)"
+    with pytest.raises(DataQualityError, match=expected), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in dm.val_dataloader():
+            dm.on_before_batch_transfer(batch, 0)
     relaxed = DistillDataModule(train=source, val=source, image_size=16, batch_size=10, num_workers=0, max_skipped_fraction=0.8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -471,7 +471,7 @@ def test_distill_cli_fit_on_damaged_shards(tmp_path, shards, tiny_teacher_files,
     from distill.cli import lightning_cli
 
     files = tiny_teacher_files
-    teacher = lambda name, cls, args: {"class_path": "distill.teacher.Teacher", "init_args": {  # noqa: E731
+    teacher = lambda name, cls, args: {"class_path": "distill.teacher.Teacher", "init_args": {
         "name": name, "encoder": {"class_path": cls, "init_args": args}}}
     config = {
         "seed_everything": 0,

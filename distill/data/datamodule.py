@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from distill.data.augment import eval_transform, train_transform
 from distill.data.sources import ImageSource
-from distill.decode import DataSkips, Skipped
+from distill.skips import DataSkips, Skipped
 
 
 def collate_images(items: list[torch.Tensor | Skipped]) -> dict:

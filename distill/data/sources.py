@@ -7,7 +7,7 @@
 
 Every image and shard is read through `distill.decode` (one policy for both packages). An item that
 cannot be used (undecodable, truncated, too small, missing member, damaged or missing shard) is returned
-as a `distill.decode.Skipped` marker naming the file or shard member; the DataModule counts the markers of
+as a `distill.skips.Skipped` marker naming the file or shard member; the DataModule counts the markers of
 each batch in the main process (exact with any number of workers), warns, and stops a run that skips more
 than `max_skipped_fraction`.
 """
@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from distill.decode import Skipped, decode_image, tar_samples_stage
+from distill.decode import decode_image, tar_samples_stage
+from distill.skips import Skipped
 
 Transform = Callable[[Image.Image], torch.Tensor]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

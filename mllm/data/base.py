@@ -8,7 +8,7 @@ from typing import Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
-from distill.decode import Skipped
+from distill.skips import Skipped
 from mllm.data.encode import SampleEncoder
 
 ALIGN_PROMPT = "describe the image briefly."

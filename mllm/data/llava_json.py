@@ -16,7 +16,8 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from distill.decode import Skipped, decode_image
+from distill.decode import decode_image
+from distill.skips import Skipped
 from mllm.conversation import IMAGE_PLACEHOLDER, count_placeholders
 from mllm.data.base import DataSource, EvalItem, RecordDataset
 from mllm.data.encode import SampleEncoder

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from distill.decode import Skipped, decode_image, tar_samples_stage
+from distill.decode import decode_image, tar_samples_stage
+from distill.skips import Skipped
 from mllm.conversation import IMAGE_PLACEHOLDER
 from mllm.data.base import DataSource, EvalItem, encode_or_skip
 from mllm.data.encode import SampleEncoder
@@ -40,7 +41,9 @@ def sample_record(sample: dict) -> tuple[dict, Image.Image | None, str] | Skippe
         return Skipped(f"{where}.json", shard, "bad json member", f"a JSON {type(record).__name__}, expected an object")
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if "conversations" not in record and {"caption", "qa", "index"} <= record.keys():
-        from distill.toy.shards import conversation_from_record  # a `python -m distill.toy export` shard
+        from distill.toy.shards import (
+            conversation_from_record,  # a `python -m distill.toy export` shard
+        )
 
         record = conversation_from_record(record, image=f"{key}.{image_key}")
     if not isinstance(record.get("conversations"), list):
