@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from distill.skips import Skipped
 
@@ -67,8 +67,17 @@ def decode_image(data: bytes | str | Path, where: str, file: str | None = None) 
             return to_rgb(image)
     except _Unusable as error:
         return Skipped(where, file, "unsupported image mode", str(error))
+    except UnidentifiedImageError:
+        return Skipped(where, file, "undecodable image", "UnidentifiedImageError: not an image format PIL knows "
+                       f"(starts with {bytes(data[:16]) if isinstance(data, (bytes, bytearray)) else _head(data)!r}); "
+                       "remove or re-encode it")
     except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         return Skipped(where, file, "undecodable image", f"{type(error).__name__}: {error}; remove or re-encode it")
+
+
+def _head(path: str | Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(16)
 
 
 class _Unusable(ValueError):

@@ -161,7 +161,7 @@ def test_decode_policy_per_mode(tmp_path):
 @pytest.mark.parametrize("data, reason, detail", [
     (truncated_jpeg(), "undecodable image", "image file is truncated"),
     (b"", "empty file", "0 bytes"),
-    (TEXT_AS_JPG, "undecodable image", "UnidentifiedImageError"),
+    (TEXT_AS_JPG, "undecodable image", "UnidentifiedImageError: not an image format PIL knows (starts with b'this is a text f')"),
 ])
 def test_unusable_bytes_become_named_markers(data, reason, detail):
     marker = decode_image(data, "shard.tar :: x.jpg", "shard.tar")
