@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from distill.io import load_checkpoint as read_checkpoint
 from distill.io import save_json, save_safetensors
 
 
@@ -29,7 +28,7 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(f"Checkpoint {ckpt} does not exist; pass the .ckpt of a `python -m distill fit` run.")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(ckpt, "distill export --ckpt")  # weights_only=True always
     if "unitower" not in checkpoint:
         raise ValueError(f"{ckpt} has no 'unitower' metadata: it was not written by distill.module.DistillModule.")
     return checkpoint

@@ -1,19 +1,26 @@
-"""Atomic writers for everything the project saves: safetensors weights and JSON configs.
+"""Atomic writers for everything the project saves (safetensors weights, JSON configs) and the one safe
+reader for every weight / checkpoint file it loads.
 
 A file is written to a temporary name in the same folder and renamed, so a crash never leaves a
-half-written file behind.
+half-written file behind. Weight files are read by `load_weights`: safetensors directly, anything else
+with `torch.load(weights_only=True)` passed explicitly (so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 cannot turn
+unpickling of arbitrary code back on), with errors that say whether the file is missing, an unsafe pickle
+or not a checkpoint at all.
 
     save_safetensors({"w": tensor}, "out/model.safetensors")
     save_json({"architecture": "vit_small_patch16_224"}, "out/config.json")
+    state = load_weights("sam_vit_b_01ec64.pth", what="SAM variant 'vit_b'")   # {name: tensor}
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -50,3 +57,59 @@ def save_json(obj: dict, path: str | Path) -> Path:
             f.write("\n")
 
     return atomic_write(path, write)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that only loads by running pickled code; it is refused."""
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
+    """The object in a .safetensors / torch file, read without running code (weights_only=True, always).
+
+    Raises FileNotFoundError (no such file), UnsafeCheckpointError (a pickle that needs arbitrary code, refused)
+    or ValueError (not a safetensors / torch file: truncated, another format); each names `what` and the path."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{what}: checkpoint file '{path}' does not exist. Pass the path of a local weight file "
+            "(no downloads happen here), or a 'toy:NAME' string for the toy world's teachers."
+        )
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{what}: '{path}' is not a readable safetensors file ({error}).") from None
+    import torch
+
+    try:
+        return torch.load(str(file), map_location="cpu", weights_only=True)  # explicit: env vars cannot override
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ValueError(f"{what}: '{path}' is not a torch checkpoint ({error}).") from None
+        detail = str(error).split("\n\n")[1] if "\n\n" in str(error) else str(error)
+        raise UnsafeCheckpointError(
+            f"{what}: '{path}' was refused because loading it would run pickled code ({detail.strip()[:300]}). "
+            "Only tensors and plain containers are read. If you trust the file, re-save its state dict "
+            "(torch.save(model.state_dict(), ...) or safetensors) and load that."
+        ) from None
+    except Exception as error:  # zip / legacy-pickle readers raise RuntimeError, EOFError, KeyError, ...
+        raise ValueError(f"{what}: '{path}' is not a readable torch checkpoint (truncated or another format: "
+                         f"{type(error).__name__}: {error}).") from None
+
+
+def load_weights(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A state dict {name: tensor} from a weight file (see `load_checkpoint` for the safety rule and errors);
+    training checkpoints that wrap the weights one level down ('state_dict', 'model') are unwrapped."""
+    state = load_checkpoint(path, what)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: '{path}' holds a {type(state).__name__}, expected a state dict of tensors.")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{what}: '{path}' is not a state dict of tensors (e.g. {not_tensors[:3]} are not tensors).")
+    return state

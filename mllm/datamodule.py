@@ -12,6 +12,7 @@ from functools import partial
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
+from distill.skips import DataSkips
 from mllm.data import DataSource, SampleEncoder, ToySource, collate
 from mllm.loading import load_tokenizer
 
@@ -34,6 +35,8 @@ class LlavaDataModule(L.LightningDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader workers.
         num_image_tokens: tokens per image; None = read from the model's tower at setup.
+        max_skipped_fraction: stop the run (naming the worst files) once more than this fraction of the
+            samples seen, records dropped at load included, was skipped (checked after 100; 1.0 never stops).
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class LlavaDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         num_image_tokens: int | None = None,
+        max_skipped_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         self.train_source = train if train is not None else ToySource()
@@ -63,6 +67,10 @@ class LlavaDataModule(L.LightningDataModule):
         self.num_image_tokens = num_image_tokens
         self.tokenizer = None
         self.encoder: SampleEncoder | None = None
+        self.skips = DataSkips(max_skipped_fraction)
+        self.skips.record_load("train", *self.train_source.load_report())
+        if val is not None:
+            self.skips.record_load("val", *val.load_report())
 
     def setup(self, stage: str | None = None) -> None:
         if self.encoder is not None:
@@ -98,3 +106,14 @@ class LlavaDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_source is None else self._loader(self.val_source, shuffle=False)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count the batch's skipped samples (main process, exact), log the running total, drop the markers."""
+        batch = dict(batch)
+        kept = 0 if batch["input_ids"] is None else len(batch["input_ids"])
+        self.skips.record(self.trainer, batch.pop("skipped"), kept)
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
+            print(self.skips.summary(), flush=True)

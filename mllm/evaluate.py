@@ -8,12 +8,13 @@ Default questions: the toy world's held-out images (seed 1000), all their QA pai
 
 from __future__ import annotations
 
+import pickle
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from distill.io import save_json
+from distill.io import load_checkpoint, save_json
 from mllm.data import DataSource, EvalItem, ToySource
 from mllm.generate import generate_answers
 from mllm.loading import load_tokenizer
@@ -87,7 +88,11 @@ def evaluate_checkpoint(
     with warnings.catch_warnings():
         # By design the checkpoint holds only trained weights; frozen ones come from their own files.
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-        module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+        try:  # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn unpickling back on
+            module = LlavaModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            load_checkpoint(ckpt_path, "mllm evaluate --ckpt")  # raises the project's unsafe / unreadable error
+            raise
     hp = module.hparams
     saved = getattr(module, "data_settings", {}) or {}
     if not saved:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 from torch import nn
@@ -38,7 +39,14 @@ def load_lm(spec: str) -> nn.Module:
 
     path = resolve_lm_path(spec)
     _check_local_lm(path)
-    return AutoModelForCausalLM.from_pretrained(path)
+    try:  # transformers reads .bin weights with weights_only=True; name the file and the refusal if it is unsafe
+        return AutoModelForCausalLM.from_pretrained(path)
+    except pickle.UnpicklingError:
+        from distill.io import load_checkpoint
+
+        for weights in sorted(Path(path).glob("*.bin")):
+            load_checkpoint(weights, f"LM '{spec}'")
+        raise
 
 
 def load_tokenizer(spec: str):

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
+from distill.io import load_weights
 from mllm.loading import load_lm
 from mllm.model import LlavaModel
 from distill.schedule import warmup_cosine
@@ -104,14 +105,17 @@ class LlavaModule(L.LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"]).loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        # Skipped samples are counted (running total `train/skipped`) by the DataModule's on_before_batch_transfer.
+        if batch["input_ids"] is None:
+            return None  # every sample of this batch was skipped
         loss = self(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        if batch["num_skipped"]:
-            self.log("train/skipped", float(batch["num_skipped"]), reduce_fx="sum", batch_size=1)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if batch["input_ids"] is None:
+            return None
         loss = self(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
@@ -175,7 +179,6 @@ def _check_keys(module: torch.nn.Module, state: dict, source: str) -> None:
 
 def load_trained_weights(module: LlavaModule, path: str) -> None:
     """Load a LlavaModule checkpoint's (trained-only) weights into `module`, e.g. the align stage's projector."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint)
+    state = load_weights(path, f"init_from '{path}'")  # weights_only always; names missing / unsafe / unreadable
     _check_keys(module, state, f"init_from '{path}'")
     module.load_state_dict(state, strict=False)

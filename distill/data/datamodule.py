@@ -1,4 +1,4 @@
-"""LightningDataModule for distillation: augmented square images in [0, 1], skipped samples dropped.
+"""LightningDataModule for distillation: augmented square images in [0, 1]; skipped samples counted and dropped.
 
     dm = DistillDataModule(train=ToyImages(seed=0), val=ToyImages(seed=1000, length=256), image_size=64)
 """
@@ -11,14 +11,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from distill.data.augment import eval_transform, train_transform
 from distill.data.sources import ImageSource
+from distill.skips import DataSkips, Skipped
 
 
-def collate_images(items: list[torch.Tensor | None]) -> torch.Tensor:
-    """Stack the images of a batch, dropping the None entries of skipped samples."""
-    images = [x for x in items if x is not None]
-    if not images:
-        return torch.empty(0)
-    return torch.stack(images)
+def collate_images(items: list[torch.Tensor | Skipped]) -> dict:
+    """{"images": the stacked images (empty if none), "skipped": the Skipped markers of the batch}."""
+    images = [x for x in items if not isinstance(x, Skipped)]
+    return {"images": torch.stack(images) if images else torch.empty(0),
+            "skipped": [x for x in items if isinstance(x, Skipped)]}
 
 
 class DistillDataModule(L.LightningDataModule):
@@ -32,6 +32,8 @@ class DistillDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         min_scale: smallest area fraction of the random resized crop.
         hflip: random horizontal flips.
+        max_skipped_fraction: stop the run (naming the worst files) once more than this fraction of the
+            images seen was skipped as broken (checked after 100 images; 1.0 never stops).
     """
 
     def __init__(
@@ -43,11 +45,13 @@ class DistillDataModule(L.LightningDataModule):
         num_workers: int = 2,
         min_scale: float = 0.35,
         hflip: bool = True,
+        max_skipped_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         self.train_source, self.val_source = train, val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.min_scale, self.hflip = min_scale, hflip
+        self.skips = DataSkips(max_skipped_fraction)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         iterable = isinstance(dataset, IterableDataset)
@@ -70,3 +74,12 @@ class DistillDataModule(L.LightningDataModule):
         if self.val_source is None:
             return []
         return self._loader(self.val_source.dataset(eval_transform(self.image_size)), shuffle=False)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
+        """Count the batch's skipped samples (main process, exact) and hand the module the images only."""
+        self.skips.record(self.trainer, batch["skipped"], len(batch["images"]))
+        return batch["images"]
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
+            print(self.skips.summary(), flush=True)

@@ -5,13 +5,15 @@
 - ShardImages: webdataset tar shards (local paths, brace patterns or URLs), split across nodes and
   DataLoader workers.
 
-Undecodable images and images smaller than `min_size` are skipped, counted and warned about (naming
-the file or shard member); they never stop a run.
+Every image and shard is read through `distill.decode` (one policy for both packages). An item that
+cannot be used (undecodable, truncated, too small, missing member, damaged or missing shard) is returned
+as a `distill.skips.Skipped` marker naming the file or shard member; the DataModule counts the markers of
+each batch in the main process (exact with any number of workers), warns, and stops a run that skips more
+than `max_skipped_fraction`.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from pathlib import Path
@@ -21,37 +23,24 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from distill.decode import decode_image, tar_samples_stage
+from distill.skips import Skipped
+
 Transform = Callable[[Image.Image], torch.Tensor]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-class SkipCounter:
-    """Counts skipped samples (per process / worker) and warns with the reason."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def skip(self, where: str, why: str) -> None:
-        self.count += 1
-        warnings.warn(f"skipping {where}: {why} ({self.count} skipped so far in this worker)", stacklevel=2)
-
-
-def load_image(data: bytes | str | Path, where: str, min_size: int, skipped: SkipCounter) -> Image.Image | None:
-    """Decode an RGB image, or count and warn and return None when it is corrupt or too small."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            image = img.convert("RGB")
-    except Exception as err:  # PIL raises many types for corrupt files
-        skipped.skip(where, f"undecodable image ({type(err).__name__}: {err}); remove or re-encode it")
-        return None
-    if min(image.size) < min_size:
-        skipped.skip(where, f"image {image.size[0]}x{image.size[1]} is smaller than min_size={min_size}")
-        return None
+def load_image(data: bytes | str | Path, where: str, min_size: int, file: str | None = None) -> Image.Image | Skipped:
+    """Decode an RGB image (distill.decode policy), or a Skipped marker when it is unusable or too small."""
+    image = decode_image(data, where, file)
+    if isinstance(image, Image.Image) and min(image.size) < min_size:
+        return Skipped(where, str(file or where), "too small",
+                       f"image {image.size[0]}x{image.size[1]} is smaller than min_size={min_size}")
     return image
 
 
 class ImageSource:
-    """Base class: `dataset(transform)` returns a Dataset whose items are transformed images or None."""
+    """Base class: `dataset(transform)` returns a Dataset whose items are transformed images or Skipped markers."""
 
     def dataset(self, transform: Transform) -> Dataset:
         raise NotImplementedError
@@ -110,14 +99,13 @@ class ImageFolder(ImageSource):
 class _FolderDataset(Dataset):
     def __init__(self, files: list[Path], transform: Transform, min_size: int) -> None:
         self.files, self.transform, self.min_size = files, transform, min_size
-        self.skipped = SkipCounter()
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor | None:
-        image = load_image(self.files[index], str(self.files[index]), self.min_size, self.skipped)
-        return None if image is None else self.transform(image)
+    def __getitem__(self, index: int) -> torch.Tensor | Skipped:
+        image = load_image(self.files[index], str(self.files[index]), self.min_size)
+        return image if isinstance(image, Skipped) else self.transform(image)
 
 
 class ShardImages(ImageSource):
@@ -144,39 +132,42 @@ class ShardImages(ImageSource):
         self.resampled, self.shuffle_buffer, self.min_size, self.image_keys = resampled, shuffle_buffer, min_size, image_keys
 
     def expanded_urls(self) -> list[str]:
-        """Brace-expand every pattern and check that local shards exist."""
+        """Brace-expand every pattern; warn about missing local shards (each is skipped and counted when the
+        stream reaches it) and raise if none exists."""
         import braceexpand
 
         urls = [u for pattern in self.urls for u in braceexpand.braceexpand(pattern)]
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        if missing and len(missing) == len(urls):
+            raise FileNotFoundError(f"None of the {len(urls)} shards exists, e.g. {missing[:3]}; check data urls in the config.")
         if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}; check data urls in the config."
-            )
+            warnings.warn(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}; they are skipped "
+                          "and counted. Check data urls in the config.")
         return urls
 
     def dataset(self, transform: Transform) -> IterableDataset:
         import webdataset as wds
 
         urls = self.expanded_urls()
-        skipped = SkipCounter()
+        image_keys, min_size = self.image_keys, self.min_size
 
-        def decode(sample: dict) -> torch.Tensor | None:
-            where = f"{sample.get('__key__')} in {sample.get('__url__')}"
-            key = next((k for k in self.image_keys if k in sample), None)
+        def decode(sample: dict | Skipped) -> torch.Tensor | Skipped:
+            if isinstance(sample, Skipped):
+                return sample
+            where, shard = f"{sample['__url__']} :: {sample['__key__']}", sample["__url__"]
+            key = next((k for k in image_keys if k in sample), None)
             if key is None:
-                skipped.skip(where, f"no image member among {self.image_keys}")
-                return None
-            image = load_image(sample[key], where, self.min_size, skipped)
-            return None if image is None else transform(image)
+                members = sorted(k for k in sample if not k.startswith("__"))
+                return Skipped(where, shard, "no image member", f"members {members}, expected one of {list(image_keys)}")
+            image = load_image(sample[key], f"{where}.{key}", min_size, shard)
+            return image if isinstance(image, Skipped) else transform(image)
 
         if self.resampled:
-            ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, handler=wds.warn_and_continue)
+            stages = [wds.ResampledShards(urls)]
         else:
-            ds = wds.WebDataset(
-                urls, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                shardshuffle=False, handler=wds.warn_and_continue, empty_check=False,
-            )
+            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        stages.append(tar_samples_stage)
         if self.shuffle_buffer:
-            ds = ds.shuffle(self.shuffle_buffer)
-        return ds.map(decode)
+            stages.append(wds.shuffle(self.shuffle_buffer))
+        stages.append(wds.map(decode))
+        return wds.DataPipeline(*stages)

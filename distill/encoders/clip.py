@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import warnings
 import zipfile
+from pathlib import Path
 
 import open_clip
 import torch
@@ -33,6 +35,7 @@ from distill.encoders.paths import (
     resolve_model_name,
     resolve_path,
 )
+from distill.io import load_weights
 
 
 class OpenClipEncoder(Encoder):
@@ -171,8 +174,11 @@ def _create_open_clip(
             _load_file(model, pretrained, what)
             return model
         return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-    except RuntimeError as error:
-        if "state_dict" not in str(error):
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if "state_dict" not in str(error):  # not a key / shape mismatch: the safe loader names the problem
+            file = _weights_file(identifier) if schema == "local-dir" else pretrained
+            if file and os.path.isfile(file):
+                load_weights(file, what)
             raise
         raise ValueError(
             f"{what}: the weights in '{identifier if schema else pretrained}' do not fit the architecture "
@@ -263,9 +269,15 @@ def _only_quick_gelu_weights(identifier: str) -> bool:
     return bool(tags) and all(open_clip.get_pretrained_cfg(identifier, t).get("quick_gelu", False) for t in tags)
 
 
+def _weights_file(folder: str) -> str:
+    """The weight file open_clip reads from a local-dir folder (the folder itself if none is found)."""
+    files = sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")) + sorted(Path(folder).glob("*.pth"))
+    return str(files[0]) if files else folder
+
+
 def _load_file(model: torch.nn.Module, path: str, what: str) -> None:
     """open_clip.load_checkpoint (handles its key conversions) with a key-mismatch error that names keys."""
-    incompatible = open_clip.load_checkpoint(model, path, strict=False)
+    incompatible = open_clip.load_checkpoint(model, path, strict=False, weights_only=True)
     unexpected = [k for k in incompatible.unexpected_keys if k not in OPENAI_JIT_EXTRA_KEYS]
     if incompatible.missing_keys or unexpected:
         raise ValueError(describe_key_mismatch(incompatible.missing_keys, unexpected, path, what))

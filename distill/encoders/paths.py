@@ -54,21 +54,11 @@ def require_dir(path: str, what: str) -> Path:
 
 
 def load_state_dict(path: str, what: str) -> dict:
-    """Read a third-party .pt/.pth/.bin/.safetensors weight file as a plain state dict (weights only)."""
-    file = require_file(path, what)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read a third-party .pt/.pth/.bin/.safetensors weight file as a plain state dict through the project's
+    one safe loader (`distill.io.load_weights`: weights_only=True always, clear missing/unsafe/corrupt errors)."""
+    from distill.io import load_weights
 
-        return load_file(str(file))
-    import torch
-
-    state = torch.load(str(file), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # training checkpoints wrap the weights one level down
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{what}: '{path}' holds a {type(state).__name__}, expected a state dict of tensors.")
-    return state
+    return load_weights(path, what)
 
 
 def describe_key_mismatch(missing: list[str], unexpected: list[str], path: str, what: str) -> str:

@@ -23,7 +23,7 @@ from timm.data import resolve_data_config
 
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.encoders.paths import load_state_dict, require_dir, require_file, resolve_model_name, resolve_path
+from distill.encoders.paths import load_state_dict, require_dir, resolve_model_name, resolve_path
 
 
 class TimmEncoder(Encoder):
@@ -125,8 +125,10 @@ def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, imag
     if image_size is not None:
         kwargs["img_size"] = image_size
     if checkpoint is not None:
-        require_file(checkpoint, what)
-        kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint)
+        # Read by the safe loader, handed to timm as a state dict (timm still applies its checkpoint filter and
+        # strict load); source="timm" so a local-dir / hub name's own weights do not take precedence.
+        state = load_state_dict(checkpoint, what)
+        kwargs["pretrained_cfg_overlay"] = dict(source="timm", file=None, state_dict=state)
         pretrained = True
     elif source == "local-dir":
         pretrained = True  # the folder's weights are the point of a local-dir name
@@ -137,7 +139,13 @@ def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, imag
             raise
         # timm's checkpoint filters fail in varied ways on foreign weights; name the keys that differ as a hint
         weights = checkpoint or _weights_in_dir(identifier)
-        hint = _key_difference_hint(model_name, weights, {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
+        differences = _key_differences(model_name, weights, {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
+        if differences is not None and not any(differences):
+            raise ValueError(f"{what}: the weights in '{weights}' match the architecture (same keys and shapes), "
+                             f"but timm failed to load them. Library message: {error}") from error
+        hint = "" if differences is None else (
+            "Compared with a fresh model the file has {} missing keys (e.g. {}), {} unexpected keys (e.g. {}), "
+            "{} keys of another shape (e.g. {}). ".format(*(x for keys in differences for x in (len(keys), keys[:5]))))
         raise ValueError(
             f"{what}: the weights in '{weights}' do not fit the architecture (check the model name / config "
             f"matches the checkpoint). {hint}Library message: {error}"
@@ -151,18 +159,14 @@ def _weights_in_dir(folder: str) -> str:
     return folder
 
 
-def _key_difference_hint(model_name: str, weights: str, kwargs: dict) -> str:
-    """'Missing keys (e.g. ...), unexpected keys (e.g. ...). ' comparing the raw file with a fresh model."""
+def _key_differences(model_name: str, weights: str, kwargs: dict) -> tuple[list, list, list] | None:
+    """(missing, unexpected, misshapen) keys of the raw file compared with a fresh model; None if unknown."""
     try:
         state = load_state_dict(weights, "TimmEncoder")
         expected = timm.create_model(model_name, pretrained=False, **kwargs).state_dict()
     except Exception:  # the hint is best effort; the main error is raised by the caller
-        return ""
+        return None
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshapen = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    return (
-        f"Compared with a fresh model the file has {len(missing)} missing keys (e.g. {missing[:5]}), "
-        f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]}), {len(misshapen)} keys of another shape "
-        f"(e.g. {misshapen[:5]}). "
-    )
+    return missing, unexpected, misshapen

@@ -35,12 +35,17 @@ def sample_record(sample: ToySample) -> dict:
 
 def sample_conversation(sample: ToySample, image: str) -> dict:
     """One LLaVA conversation record: a caption turn followed by every question of the sample."""
-    turns = [(CAPTION_PROMPT, sample.caption)] + [(q.question, q.answer) for q in sample.qa]
+    return conversation_from_record(sample_record(sample), image)
+
+
+def conversation_from_record(record: dict, image: str) -> dict:
+    """The LLaVA conversation record of a shard's `json` member (`sample_record` output), as in llava.json."""
+    turns = [(CAPTION_PROMPT, record["caption"])] + [(q["question"], q["answer"]) for q in record["qa"]]
     conversations = []
     for i, (question, answer) in enumerate(turns):
         conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
         conversations.append({"from": "gpt", "value": answer})
-    return {"id": f"{sample.index:08d}", "image": image, "conversations": conversations}
+    return {"id": f"{record['index']:08d}", "image": image, "conversations": conversations}
 
 
 def export_shards(world: ToyWorld, out_dir: str | Path, count: int, shard_size: int = 500) -> list[Path]:

@@ -9,6 +9,7 @@ from PIL import Image
 import torch
 from torch.utils.data import Dataset
 
+from distill.skips import Skipped
 from mllm.data.encode import SampleEncoder
 
 ALIGN_PROMPT = "describe the image briefly."
@@ -28,24 +29,43 @@ class EvalItem:
     image_id: int | None = None
 
 
-class RecordDataset(Dataset):
-    """Map-style dataset over LLaVA records; `load_image(record)` returns its PIL image or None."""
+def encode_or_skip(encode: Callable[[dict, Image.Image | None], dict | None], record: dict,
+                   image: Image.Image | Skipped | None, where: str, file: str) -> dict | Skipped:
+    """`encode(record, image)`, or a Skipped marker for an unusable image or a record the encoder rejects."""
+    if isinstance(image, Skipped):
+        return image
+    sample = encode(record, image)
+    if sample is None:
+        return Skipped(where, file or where, "bad conversation", "rejected by the tokenizer step (see its warning)")
+    return sample
 
-    def __init__(self, records: list[dict], load_image: Callable[[dict], Image.Image | None], encode: SampleEncoder) -> None:
+
+class RecordDataset(Dataset):
+    """Map-style dataset over LLaVA records; `load_image(record)` returns its PIL image, None (text-only) or
+    a Skipped marker; items are encoded samples or Skipped markers (counted by the DataModule)."""
+
+    def __init__(self, records: list[dict], load_image: Callable[[dict], Image.Image | Skipped | None],
+                 encode: SampleEncoder, file: str = "") -> None:
         self.records = records
         self.load_image = load_image
         self.encode = encode
+        self.file = file
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict | Skipped:
         record = self.records[index]
-        return self.encode(record, self.load_image(record))
+        where = f"{self.file} record {record.get('id', index)}".strip()
+        return encode_or_skip(self.encode, record, self.load_image(record), where, self.file)
 
 
 class DataSource:
-    """Base class of the sources: `dataset(encode)` for training, `eval_items()` for evaluation."""
+    """Base class of the sources: `dataset(encode)` for training, `eval_items()` for evaluation, and
+    `load_report()`: (records kept, Skipped markers of records dropped at load, e.g. bad JSON records)."""
+
+    def load_report(self) -> tuple[int, list[Skipped]]:
+        return 0, []
 
     def dataset(self, encode: SampleEncoder) -> Dataset:
         raise NotImplementedError

@@ -102,11 +102,14 @@ class SampleEncoder:
         }
 
 
-def collate(samples: list[dict | None], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Pad a batch; drops None samples (bad records) and reports their number as `num_skipped`."""
-    kept = [s for s in samples if s is not None]
+def collate(samples: list[Any], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Pad a batch; drops None samples and Skipped markers (bad records / images), reporting them as
+    `num_skipped` and `skipped` (the markers); a batch with no usable sample has input_ids None."""
+    kept = [s for s in samples if isinstance(s, dict)]
+    skipped = [s for s in samples if not isinstance(s, dict)]
     if not kept:
-        raise ValueError("every sample of this batch was a bad record; see the warnings above for the reasons.")
+        return {"input_ids": None, "labels": None, "attention_mask": None, "images": None,
+                "num_skipped": len(skipped), "skipped": skipped}
     length = max(len(s["input_ids"]) for s in kept)
     input_ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
@@ -123,5 +126,6 @@ def collate(samples: list[dict | None], pad_token_id: int, padding_side: str = "
         "labels": labels,
         "attention_mask": attention_mask,
         "images": torch.stack(images) if images else None,
-        "num_skipped": len(samples) - len(kept),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
     }

@@ -1,4 +1,9 @@
-"""LLaVA's released conversation JSON + image folder as a data source; bad records skipped and counted."""
+"""LLaVA's released conversation JSON + image folder as a data source; bad records skipped and counted.
+
+Records that cannot be used (malformed, placeholder mismatch, missing image) are dropped at load and
+counted with the training's skip total (`load_skips()`); images are decoded by `distill.decode` (one policy
+for both packages), and an image that turns out undecodable at training time is skipped and counted too.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,17 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from distill.decode import decode_image
+from distill.skips import Skipped
 from mllm.conversation import IMAGE_PLACEHOLDER, count_placeholders
 from mllm.data.base import DataSource, EvalItem, RecordDataset
 from mllm.data.encode import SampleEncoder
 
 
-def load_llava_json(json_path: str | Path, image_folder: str | Path | None) -> tuple[list[dict], Counter]:
-    """Read LLaVA conversation JSON; bad records are skipped and counted (reason -> count), never silently used."""
+def load_llava_json(json_path: str | Path, image_folder: str | Path | None,
+                    dropped: list[Skipped] | None = None) -> tuple[list[dict], Counter]:
+    """Read LLaVA conversation JSON; bad records are skipped and counted (reason -> count), never silently used.
+    A Skipped marker per dropped record is appended to `dropped` when given."""
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"LLaVA JSON '{json_path}' does not exist.")
@@ -33,8 +42,11 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None) -> t
         if reason is None:
             records.append(record)
             continue
-        skipped[reason.split(":")[0]] += 1
+        kind, _, detail = reason.partition(": ")
+        skipped[kind] += 1
         examples.append(f"{json_path} record {index}: {reason}")
+        if dropped is not None:
+            dropped.append(Skipped(f"{json_path} record {index}", str(json_path), kind, detail))
     if skipped:
         warnings.warn(f"{json_path}: skipped {sum(skipped.values())} of {len(data)} records {dict(skipped)}; "
                       f"first: {examples[:3]}")
@@ -70,13 +82,28 @@ class LlavaJsonSource(DataSource):
 
     def __init__(self, json_path: str, image_folder: str | None = None, kind_key: str = "question_type") -> None:
         self.json_path, self.image_folder, self.kind_key = json_path, image_folder, kind_key
-        self.records, self.skipped = load_llava_json(json_path, image_folder)
+        self.dropped: list[Skipped] = []
+        self.records, self.skipped = load_llava_json(json_path, image_folder, self.dropped)
 
-    def load_image(self, record: dict) -> Image.Image | None:
-        return Image.open(Path(self.image_folder or ".") / str(record["image"])) if "image" in record else None
+    def load_report(self) -> tuple[int, list[Skipped]]:
+        return len(self.records), list(self.dropped)
+
+    def load_image(self, record: dict) -> Image.Image | Skipped | None:
+        """The record's RGB image (distill.decode policy), None for text-only records, or a Skipped marker."""
+        if "image" not in record:
+            return None
+        path = Path(self.image_folder or ".") / str(record["image"])
+        return decode_image(path, f"{self.json_path} record {record.get('id', '?')} image {path}", str(path))
 
     def dataset(self, encode: SampleEncoder) -> Dataset:
-        return RecordDataset(self.records, self.load_image, encode)
+        return RecordDataset(self.records, self.load_image, encode, str(self.json_path))
+
+    def eval_image(self, record: dict) -> Image.Image | None:
+        """The record's image for evaluation; an unusable one is an error (every tower must see the same questions)."""
+        image = self.load_image(record)
+        if isinstance(image, Skipped):
+            raise ValueError(f"evaluation {image.message}; repair or remove the record.")
+        return image
 
     def eval_items(self, limit: int | None = None) -> list[EvalItem]:
         items = []
@@ -85,5 +112,5 @@ class LlavaJsonSource(DataSource):
             question = str(turns[0]["value"]).replace(IMAGE_PLACEHOLDER, "").strip()
             answer = str(turns[1]["value"]) if len(turns) > 1 else ""
             items.append(EvalItem(question, answer, str(record.get(self.kind_key, "all")), record.get("options"),
-                                  lambda r=record: self.load_image(r)))
+                                  lambda r=record: self.eval_image(r)))
         return items

@@ -47,7 +47,7 @@ def select_variants(study: Study, only: list[str] | None) -> list[Variant]:
     known = [v.name for v in study.variants]
     unknown = [name for name in only or [] if name not in known]
     if unknown:
-        raise ValueError(f"--only {' '.join(unknown)}: no such variant; the study defines {', '.join(known)}.")
+        raise ValueError(f"--only {' '.join(unknown)}: unknown variant(s); the study's variants are {known}.")
     return [v for v in study.variants if not only or v.name in only]
 
 
@@ -309,11 +309,11 @@ def run_study(study: Study, budget: Budget, out_dir: Path, smoke: bool = False, 
     from mllm.study.probes import object_labels
     from mllm.study.report import write_report
 
+    variants = select_variants(study, only)  # before any work: a typo must not give an empty table
     os.environ["UNITOWER_TOY_PROFILE"] = budget.toy_profile
     quiet_libraries()
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    variants = select_variants(study, only)
     ensure_cache()
     seeds = list(range(budget.seeds))
     students, distill_info = {}, {}
