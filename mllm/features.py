@@ -54,19 +54,19 @@ def _identity_of(value: Any) -> list:
     return found
 
 
-def feature_key(tower_config: dict, seed: int, num_images: int, image_size: int) -> str:
+def feature_key(tower_config: dict, seed: int, num_images: int, image_size: int, max_objects: int = 4) -> str:
     """Hash of the tower config, the weights it names and the image set (see the module docstring)."""
     from distill.toy.cache import BUILD_VERSION
 
-    payload = [tower_config, _identity_of(tower_config), seed, num_images, image_size, BUILD_VERSION]
+    payload = [tower_config, _identity_of(tower_config), seed, num_images, image_size, max_objects, BUILD_VERSION]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def toy_images(seed: int, num_images: int, image_size: int) -> torch.Tensor:
+def toy_images(seed: int, num_images: int, image_size: int, max_objects: int = 4) -> torch.Tensor:
     """The first `num_images` toy-world images of `seed` as float [num_images, 3, S, S] in [0, 1]."""
     from distill.toy.world import ToyWorld
 
-    world = ToyWorld(seed=seed, image_size=image_size)
+    world = ToyWorld(seed=seed, image_size=image_size, max_objects=max_objects)
     pixels = np.stack([np.asarray(world[i].image) for i in range(num_images)])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
 
@@ -89,14 +89,14 @@ def write_features(tokens: torch.Tensor, path: str | Path, info: dict) -> Path:
 
 
 def cache_features(tokens_fn, name: str, config: dict, seed: int, num_images: int, image_size: int,
-                   folder: str | Path) -> Path:
+                   folder: str | Path, max_objects: int = 4) -> Path:
     """The cache file of `config` on this image set: reused if present, else `tokens_fn()` is computed
     ([num_images, N, C]) and written. `name` prefixes the file name (e.g. the variant)."""
-    key = feature_key(config, seed, num_images, image_size)
+    key = feature_key(config, seed, num_images, image_size, max_objects)
     path = Path(folder) / f"{name}-seed{seed}-{num_images}-{key}.safetensors"
     if path.is_file() and path.with_suffix(".json").is_file():
         return path
-    info = {"name": name, "seed": seed, "image_size": image_size, "config": config, "key": key}
+    info = {"name": name, "seed": seed, "image_size": image_size, "max_objects": max_objects, "config": config, "key": key}
     return write_features(tokens_fn(), path, info)
 
 
@@ -109,13 +109,14 @@ def features_info(path: str | Path) -> dict:
     return json.loads(meta.read_text())
 
 
-def load_features(path: str | Path, seed: int, image_size: int, num_images: int) -> torch.Tensor:
+def load_features(path: str | Path, seed: int, image_size: int, num_images: int, max_objects: int = 4) -> torch.Tensor:
     """Tokens [num_images, N, C] of a cache file, checked against the image set that will index them."""
     info = features_info(path)
-    if info["seed"] != seed or info["image_size"] != image_size or info["num_images"] < num_images:
-        raise ValueError(f"cached features '{path}' hold {info['num_images']} images of seed {info['seed']} at "
-                         f"{info['image_size']} px, but the data asks for {num_images} images of seed {seed} at "
-                         f"{image_size} px; compute the features for this image set.")
+    held = (info["seed"], info["image_size"], info.get("max_objects", 4))
+    if held != (seed, image_size, max_objects) or info["num_images"] < num_images:
+        raise ValueError(f"cached features '{path}' hold {info['num_images']} images of (seed, size, max_objects) "
+                         f"{held}, but the data asks for {num_images} images of {(seed, image_size, max_objects)}; "
+                         "compute the features for this image set.")
     return load_file(str(path))["tokens"][:num_images]
 
 
@@ -143,13 +144,13 @@ class CachedTower(VisionTower):
 
 
 # ------------------------------------------------------------------ controls
-def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int) -> torch.Tensor:
+def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int, max_objects: int = 4) -> torch.Tensor:
     """Ground-truth tokens [num_images, grid*grid, 16]: for each cell, the fraction of its pixels that lie in
     each quadrant (4: where the cell is, as a ViT's position embedding tells a tower), that are covered by
     an object, and by each colour (6), texture (3) and size (2), pooled to the grid like a tower's map."""
     from distill.toy.world import COLORS, SIZES, TEXTURES, ToyWorld
 
-    world = ToyWorld(seed=seed, image_size=image_size)
+    world = ToyWorld(seed=seed, image_size=image_size, max_objects=max_objects)
     half = image_size // 2
     where = torch.zeros(4, image_size, image_size)
     for quadrant in range(4):

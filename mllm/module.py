@@ -12,7 +12,7 @@ cosine decay. Checkpoints hold only the trained parameters (frozen weights come 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L

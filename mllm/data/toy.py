@@ -35,12 +35,13 @@ class ToySource(DataSource):
         records_per_image: training records per image (dataset length = num_images x this); record r is
             image r % num_images with its question kinds drawn from (seed, r), so repeats ask anew.
         features: a cached-features file (mllm/features.py) of this world's images; records then carry
-            the visual tokens [N, C] instead of pixels. Its seed / image_size must match.
+            the visual tokens [N, C] instead of pixels. Its seed / image_size / max_objects must match.
+        max_objects: objects per image at most (1..4, one per quadrant; ToyWorld's argument).
     """
 
     def __init__(self, seed: int = 0, num_images: int = 2000, stage: Literal["align", "finetune"] = "align",
                  image_size: int = 64, questions_per_record: int | None = None, records_per_image: int = 1,
-                 features: str | None = None) -> None:
+                 features: str | None = None, max_objects: int = 4) -> None:
         from distill.toy.world import ToyWorld  # lazy: only toy sources need the generator
 
         if stage not in ("align", "finetune"):
@@ -51,7 +52,7 @@ class ToySource(DataSource):
             raise ValueError(f"ToySource records_per_image={records_per_image}; use a number >= 1.")
         self.questions_per_record = questions_per_record
         self.records_per_image = records_per_image
-        self.world = ToyWorld(seed=seed, image_size=image_size)
+        self.world = ToyWorld(seed=seed, image_size=image_size, max_objects=max_objects)
         self.seed, self.num_images, self.stage = seed, num_images, stage
         self.features_path = features
         self._features: torch.Tensor | None = None
@@ -63,7 +64,7 @@ class ToySource(DataSource):
             from mllm.features import load_features  # lazy: only cached-feature runs need it
 
             self._features = load_features(self.features_path, seed=self.seed, image_size=self.world.image_size,
-                                           num_images=self.num_images)
+                                           num_images=self.num_images, max_objects=self.world.max_objects)
         return self._features
 
     def visual(self, index: int, image: Image.Image) -> Image.Image | torch.Tensor:

@@ -49,6 +49,7 @@ class Budget:
         train_images: training-world images whose tower tokens are cached and trained on.
         records_per_image: finetune records per training image (each asks its objects anew).
         probe_images: training images whose objects fit the linear probes (and the text prior).
+        workers: LLaVA runs trained at once, each in its own process with one torch thread.
     """
 
     seeds: int = 3
@@ -60,6 +61,7 @@ class Budget:
     train_images: int = 8000
     records_per_image: int = 8
     probe_images: int = 4000
+    workers: int = 2
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Study:
         student: an existing ``python -m distill export`` folder (skips distillation).
         grid: visual tokens per side for every tower (the same token budget for all); None keeps each tower's own.
         image_size: image side given to the towers and used for cost measurements.
+        max_objects: objects per toy image at most (1..4, one per quadrant); 1 = one object per image.
         eval_json: LLaVA-format JSON of evaluation questions (with ``question_type`` per record); None =
             the toy world's held-out questions.
         eval_image_folder: folder of the images named in ``eval_json``.
@@ -88,6 +91,7 @@ class Study:
     student: str | None = None
     grid: int | None = 8
     image_size: int = 64
+    max_objects: int = 4
     eval_json: str | None = None
     eval_image_folder: str | None = None
     full: Budget = field(default_factory=Budget)
@@ -107,6 +111,8 @@ def load_study(path: str | Path) -> Study:
         raise FileNotFoundError(f"study config {path} does not exist; see configs/study/ for examples.")
     cfg = parser.instantiate_classes(parser.parse_path(path))
     study = Study(**{k: v for k, v in vars(cfg).items() if not k.startswith("__")})
+    for variant in study.variants:  # nested tower configs may come back as jsonargparse Namespaces
+        variant.tower = _plain(variant.tower)
     names = [v.name for v in study.variants]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: variant names must be unique, got {names}")
@@ -119,6 +125,17 @@ def load_study(path: str | Path) -> Study:
         elif "class_path" not in v.tower:
             raise ValueError(f"{path}: variant {v.name!r} tower needs a class_path (e.g. mllm.towers.SingleEncoderTower)")
     return study
+
+
+def _plain(value):
+    """Namespaces (and the dicts / lists holding them) as plain dicts and lists."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def with_budget(study: Study, smoke: bool, seeds: int | None = None) -> Budget:

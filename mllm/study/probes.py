@@ -28,9 +28,9 @@ def quadrant_pool(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     return cells.reshape(n, 4, (grid // 2) ** 2 * c)
 
 
-def object_labels(seed: int, num_images: int, image_size: int) -> list[tuple[int, int, dict[str, str]]]:
+def object_labels(seed: int, num_images: int, image_size: int, max_objects: int = 4) -> list[tuple[int, int, dict[str, str]]]:
     """(image index, quadrant, {kind: answer}) of every object of the first `num_images` images."""
-    world = ToyWorld(seed=seed, image_size=image_size)
+    world = ToyWorld(seed=seed, image_size=image_size, max_objects=max_objects)
     return [(i, obj.quadrant, {kind: obj.answer(kind) for kind in QA_KINDS})
             for i in range(num_images) for obj in world[i].objects]
 

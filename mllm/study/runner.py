@@ -69,7 +69,8 @@ def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path,
     data["image_size"] = study.image_size
     data["val"] = None
     train = data["train"].setdefault("init_args", {})
-    train.update(seed=0, num_images=budget.train_images, image_size=study.image_size, features=features)
+    train.update(seed=0, num_images=budget.train_images, image_size=study.image_size, features=features,
+                 max_objects=study.max_objects)
     if stage == "finetune":
         train.update(records_per_image=budget.records_per_image)
     return cfg
@@ -96,7 +97,7 @@ def build_tower(config: dict):
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--tower", type=VisionTower)
-    return parser.instantiate_classes(parser.parse_object({"tower": config})).tower
+    return parser.instantiate_classes(parser.parse_object({"tower": copy.deepcopy(config)})).tower  # parsing mutates
 
 
 def quiet_libraries() -> None:
@@ -142,12 +143,12 @@ class Features:
 
         if seed not in self._images:
             count = self.budget.train_images if seed == 0 else self.budget.eval_images
-            self._images[seed] = toy_images(seed, count, self.study.image_size)
+            self._images[seed] = toy_images(seed, count, self.study.image_size, self.study.max_objects)
         return self._images[seed]
 
     def tower(self, config: dict):
         """The tower of `config`, built once."""
-        key = json.dumps(config, sort_keys=True)
+        key = json.dumps(config, sort_keys=True, default=str)
         if key not in self._towers:
             self._towers[key] = build_tower(config)
         return self._towers[key]
@@ -162,7 +163,7 @@ class Features:
         if variant.kind == "control":
             config = {"control": variant.control, "grid": grid}
             make = {"blind": lambda world, n: blind_tokens(n, grid),
-                    "oracle": lambda world, n: oracle_tokens(world, n, size, grid)}[variant.control]
+                    "oracle": lambda world, n: oracle_tokens(world, n, size, grid, self.study.max_objects)}[variant.control]
             self.costs.setdefault(variant.name, {"tower_params_m": 0.0, "gflops_per_image": 0.0, "ms_per_image": 0.0})
         else:
             config = variant_tower(variant, self.study, self.students.get(seed) if variant.kind == "student" else None)
@@ -174,7 +175,7 @@ class Features:
         out = {}
         for world, count in ((TRAIN_SEED, self.budget.train_images), (HELDOUT_SEED, self.budget.eval_images)):
             out[world] = str(cache_features(lambda: make(world, count), variant.name, config, world, count, size,
-                                            self.folder))
+                                            self.folder, self.study.max_objects))
         return out
 
 
@@ -184,8 +185,8 @@ def probe_variant(paths: dict[int, str], study: Study, budget: Budget, objects: 
     from mllm.features import load_features
     from mllm.study.probes import probe_accuracies
 
-    train = load_features(paths[TRAIN_SEED], TRAIN_SEED, study.image_size, budget.probe_images)
-    test = load_features(paths[HELDOUT_SEED], HELDOUT_SEED, study.image_size, budget.eval_images)
+    train = load_features(paths[TRAIN_SEED], TRAIN_SEED, study.image_size, budget.probe_images, study.max_objects)
+    test = load_features(paths[HELDOUT_SEED], HELDOUT_SEED, study.image_size, budget.eval_images, study.max_objects)
     return probe_accuracies(train, objects[TRAIN_SEED], test, objects[HELDOUT_SEED], study.grid or 8)
 
 
@@ -221,7 +222,7 @@ def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study
         train_seconds = time.time() - started
         model = cli.model.model
         source = ToySource(seed=HELDOUT_SEED, num_images=budget.eval_images, stage="finetune",
-                           image_size=study.image_size, features=paths[HELDOUT_SEED])
+                           image_size=study.image_size, features=paths[HELDOUT_SEED], max_objects=study.max_objects)
         items = source.eval_items()
         hp = cli.model.hparams
         predictions = rank_answers(model, load_tokenizer(hp.lm), items, hp.chat_template, image_size=study.image_size)
@@ -240,6 +241,42 @@ def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study
         return record
     save_json(record, record_file)
     return record
+
+
+def _worker_init(profile: str) -> None:
+    """A run worker: one torch thread (the workers share the cores), the toy profile, quiet libraries."""
+    os.environ["UNITOWER_TOY_PROFILE"] = profile
+    torch.set_num_threads(1)
+    quiet_libraries()
+
+
+def run_jobs(jobs: list[tuple[Variant, int, dict]], study: Study, budget: Budget, out_dir: Path, force: bool) -> list[dict]:
+    """Every (variant, seed) LLaVA run, `budget.workers` at a time in separate processes (one torch thread
+    each: a small LM's step is dominated by per-op overhead, so processes scale where threads do not)."""
+    import concurrent.futures
+    import multiprocessing
+
+    records: list[dict | None] = [None] * len(jobs)
+    progress = tqdm(total=len(jobs), desc="study runs", unit="run")
+
+    def done(index: int, record: dict) -> None:
+        records[index] = record
+        progress.update(1)
+        tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
+                   + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
+
+    if budget.workers <= 1:
+        for index, (variant, seed, paths) in enumerate(jobs):
+            done(index, run_variant(variant, seed, paths, study, budget, out_dir, force))
+    else:
+        with concurrent.futures.ProcessPoolExecutor(budget.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_worker_init, initargs=(budget.toy_profile,)) as pool:
+            futures = {pool.submit(run_variant, variant, seed, paths, study, budget, out_dir, force): index
+                       for index, (variant, seed, paths) in enumerate(jobs)}
+            for future in concurrent.futures.as_completed(futures):
+                done(futures[future], future.result())
+    progress.close()
+    return records
 
 
 def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, seed: int) -> tuple[str, dict]:
@@ -281,7 +318,8 @@ def questions(study: Study, budget: Budget) -> list[dict]:
     from distill.toy.world import HELDOUT_SEED
     from mllm.data import ToySource
 
-    source = ToySource(seed=HELDOUT_SEED, num_images=budget.eval_images, stage="finetune", image_size=study.image_size)
+    source = ToySource(seed=HELDOUT_SEED, num_images=budget.eval_images, stage="finetune", image_size=study.image_size,
+                       max_objects=study.max_objects)
     return [{"question": i.question, "answer": i.answer, "kind": i.kind, "image": i.image_id} for i in source.eval_items()]
 
 
@@ -292,7 +330,7 @@ def text_prior(study: Study, budget: Budget, items: list[dict]) -> list[int]:
 
     from distill.toy.world import TRAIN_SEED, ToyWorld
 
-    world = ToyWorld(seed=TRAIN_SEED, image_size=study.image_size)
+    world = ToyWorld(seed=TRAIN_SEED, image_size=study.image_size, max_objects=study.max_objects)
     answers: dict[str, Counter] = defaultdict(Counter)
     for index in range(budget.probe_images):
         for qa in world[index].qa:
@@ -324,21 +362,19 @@ def run_study(study: Study, budget: Budget, out_dir: Path, smoke: bool = False, 
             else:
                 students[seed], distill_info[seed] = distill_student(study, budget, out_dir, force, seed)
     features = Features(study, budget, out_dir, students)
-    objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size),
-               HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size)}
+    objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size, study.max_objects),
+               HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size, study.max_objects)}
     items = questions(study, budget)
     save_json({"questions": items}, out_dir / "questions.json")
     probes: dict[str, list[dict]] = {}
-    records = []
-    jobs = [(v, seed) for v in variants for seed in seeds]
-    for variant, seed in tqdm(jobs, desc="study runs", unit="run"):
-        paths = features.paths(variant, seed)
-        if variant.kind == "student" or seed == 0:
-            probes.setdefault(variant.name, []).append(probe_variant(paths, study, budget, objects))
-        record = run_variant(variant, seed, paths, study, budget, out_dir, force)
-        tqdm.write(f"[study] {variant.name} seed {seed}: {record['status']}"
-                   + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
-        records.append(record)
+    jobs = []
+    for variant in variants:  # features and probes first (in this process), then the LLaVA runs
+        for seed in seeds:
+            paths = features.paths(variant, seed)
+            if variant.kind == "student" or seed == 0:
+                probes.setdefault(variant.name, []).append(probe_variant(paths, study, budget, objects))
+            jobs.append((variant, seed, paths))
+    records = run_jobs(jobs, study, budget, out_dir, force)
     save_json({"records": records, "costs": features.costs, "probes": probes, "distill": distill_info},
               out_dir / "records.json")
     return write_report(
