@@ -1,0 +1,255 @@
+"""Training batches whose position is saved in checkpoints, so a resumed run continues exactly.
+
+`ResumableLoader` is what both data modules return from `train_dataloader()`. It has `state_dict()` /
+`load_state_dict()`, which Lightning (>= 2.1) saves in every checkpoint and restores on
+`--ckpt_path` (the fit loop's "combined_loader" state). For map-style datasets:
+
+- the order of an epoch is a permutation drawn from (seed, epoch) alone, cut into *global* batches
+  of `batch_size * world_size`; rank r of W processes takes items r, r+W, ... of each global batch, so
+  W processes with `batch_size` each train on exactly the samples of one process with `batch_size * W`;
+- every sample is loaded with the torch / numpy / random generators seeded from (seed, epoch, index),
+  so its random augmentation does not depend on the worker that loads it or on where a run resumed;
+- the saved state is (epoch, batches of that epoch already trained); on resume the sampler starts at
+  the next batch. Exact with any number of DataLoader workers (batches arrive in sampler order).
+
+For iterable datasets (webdataset shards) the state is the number of batches trained in the current
+pass; resuming reads and drops that many batches of a fresh stream. The resumed run lands on the same
+samples only when the stream itself is deterministic (shards read in order without a shuffle buffer,
+`resampled: false`, `shuffle_buffer: 0`): webdataset seeds its shuffle buffer and shard resampling
+from the process id and the clock. Otherwise the count of samples is right but not their identity.
+
+    loader = ResumableLoader(dataset, batch_size=32, seed=0, collate_fn=collate_images)
+    state = loader.state_dict()          # {"epoch": 0, "position": 17, ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The 63-bit seed of sample `index` in `epoch` (numpy SeedSequence of the three numbers)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch (CPU), numpy and python `random` seeded to `seed`; restore their states after."""
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+class SeededSamples(Dataset):
+    """`dataset[(epoch, index)]` = `base[index]` loaded with every generator seeded from (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with seeded_rng(sample_seed(self.seed, epoch, index)):
+            return self.base[index]
+
+
+class GlobalBatchSampler:
+    """Batches of (epoch, index) for one rank: rank r takes items r::world_size of each global batch.
+
+    Args:
+        length: number of samples in the dataset.
+        batch_size: samples per batch on one rank (global batch = batch_size * world_size).
+        seed: the permutation of epoch e is drawn from a generator seeded with seed + e.
+        shuffle: False keeps the dataset order.
+        drop_last: drop the last incomplete global batch (else it is split as evenly as it goes).
+        rank, world_size: this process and the number of processes.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"GlobalBatchSampler: rank {rank} is outside world_size {world_size}.")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+        self.global_batch = batch_size * world_size
+        if len(self) == 0:
+            raise ValueError(f"{length} samples give no batch of {self.global_batch} (batch_size {batch_size} x "
+                             f"{world_size} processes); lower data.batch_size or use more samples.")
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.length // self.global_batch
+        return -(-self.length // self.global_batch)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The sample order of `epoch` (the same on every rank)."""
+        if not self.shuffle:
+            return torch.arange(self.length)
+        return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def batch(self, epoch: int, number: int, order: torch.Tensor | None = None) -> list[tuple[int, int]]:
+        """Batch `number` of `epoch` on this rank, as (epoch, index) pairs."""
+        order = self.order(epoch) if order is None else order
+        chunk = order[number * self.global_batch:(number + 1) * self.global_batch]
+        return [(epoch, int(i)) for i in chunk[self.rank::self.world_size]]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, order = self.epoch, self.order(self.epoch)
+        for number in range(self.start, len(self)):
+            yield self.batch(epoch, number, order)
+
+
+class ResumableLoader:
+    """Training batches with a saved position (see the module docstring).
+
+    Args:
+        dataset: a map-style dataset (sized) or an IterableDataset.
+        batch_size: samples per batch on one process.
+        seed: seed of the epoch permutations and of the per-sample augmentation generators.
+        shuffle: shuffle map-style datasets each epoch.
+        drop_last: drop the last incomplete global batch of map-style datasets.
+        num_workers, collate_fn, pin_memory: as for torch's DataLoader (workers persist across epochs).
+        rank, world_size: this process and the number of processes (data-parallel training).
+        consumed: for iterable datasets, a function giving the batches the trainer has taken in this
+            pass (Lightning fetches one batch ahead of training on unsized loaders).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 num_workers: int = 0, collate_fn: Callable | None = None, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1, consumed: Callable[[], int] | None = None) -> None:
+        self.iterable = isinstance(dataset, IterableDataset)
+        self.consumed = consumed
+        common = {"num_workers": num_workers, "collate_fn": collate_fn, "pin_memory": pin_memory,
+                  "persistent_workers": num_workers > 0}
+        if self.iterable:
+            self.batch_sampler = None
+            self.loader = DataLoader(dataset, batch_size=batch_size, **common)
+        else:
+            self.batch_sampler = GlobalBatchSampler(len(dataset), batch_size, seed, shuffle, drop_last, rank, world_size)
+            self.loader = DataLoader(SeededSamples(dataset, seed), batch_sampler=self.batch_sampler, **common)
+        self.epoch, self.position = 0, 0
+        self.last_ids: list[tuple[int, int]] = []
+        self._resumed = False
+
+    @property
+    def sampler(self) -> "ResumableLoader":
+        """Lightning calls `sampler.set_epoch(epoch)` on train loaders at each epoch start."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position, self._resumed = epoch, 0, False
+
+    def __len__(self) -> int:
+        if self.batch_sampler is None:
+            raise TypeError("a ResumableLoader over an IterableDataset has no length")
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._resumed:
+            self.position = 0
+        self._resumed = False
+        start, epoch = self.position, self.epoch
+        if self.batch_sampler is not None:
+            self.batch_sampler.epoch, self.batch_sampler.start = epoch, start
+            order = self.batch_sampler.order(epoch)
+            for number, batch in enumerate(self.loader, start):
+                self.last_ids = self.batch_sampler.batch(epoch, number, order)
+                self.position = number + 1
+                yield batch
+        else:
+            batches = iter(self.loader)
+            for _ in range(start):  # replay: drop the batches already trained in this pass
+                next(batches)
+            for batch in batches:
+                self.position += 1
+                self.last_ids = []
+                yield batch
+        self.epoch, self.position = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self.position
+        if self.iterable and self.consumed is not None:
+            position = self.consumed()
+        return {"epoch": self.epoch, "position": position, "iterable": self.iterable}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if bool(state.get("iterable")) != self.iterable:
+            kinds = {True: "an iterable (shard) dataset", False: "a map-style dataset"}
+            raise ValueError(f"The checkpoint's data position is for {kinds[bool(state.get('iterable'))]} but this run "
+                             f"trains on {kinds[self.iterable]}; resume with the same data config.")
+        self.epoch, self.position, self._resumed = int(state["epoch"]), int(state["position"]), True
+
+
+def run_seed(seed: int | None) -> int:
+    """`seed`, else the run's seed_everything value (Lightning's PL_GLOBAL_SEED), else 0."""
+    if seed is not None:
+        return seed
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def trainer_rank(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(global rank, world size) of the trainer a data module is attached to; (0, 1) without one."""
+    if trainer is None:
+        return 0, 1
+    return int(trainer.global_rank), int(trainer.world_size)
+
+
+def consumed_batches(trainer: L.Trainer | None) -> Callable[[], int] | None:
+    """A function giving the batches the trainer has taken in the current epoch (for iterable datasets)."""
+    if trainer is None:
+        return None
+    return lambda: int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
+def rng_state() -> dict[str, Any]:
+    """The main process's torch / numpy / random states (saved with the data position)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+
+
+class RecordSampleIds(L.Callback):
+    """Append, for every training batch, `global_step epoch:index ...` to a text file (one file per rank).
+
+    An audit of what a run trained on (tests use it to check that a resumed run repeats and skips nothing).
+
+    Args:
+        path: the file; rank r > 0 writes to `path.rank<r>`.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        loader = trainer.train_dataloader
+        if not isinstance(loader, ResumableLoader):
+            return
+        path = Path(self.path if trainer.global_rank == 0 else f"{self.path}.rank{trainer.global_rank}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids = " ".join(f"{e}:{i}" for e, i in loader.last_ids)
+        with open(path, "a") as f:
+            f.write(f"{trainer.global_step} {ids}\n")
