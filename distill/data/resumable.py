@@ -222,14 +222,20 @@ def consumed_batches(trainer: L.Trainer | None) -> Callable[[], int] | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The main process's torch / numpy / random states (saved with the data position)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    """The main process's torch / numpy / random states, as tensors and ints (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(gauss)],
+            "random": [int(version), list(internal), gauss_next]}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class RecordSampleIds(L.Callback):
