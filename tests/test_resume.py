@@ -194,3 +194,86 @@ def test_kill9_resume_is_bit_identical(tmp_path, package, workers):
     assert len(flat) == len(set(flat)), "a sample was trained twice in one epoch"
     print(f"{package} workers={workers}: killed at step {kill_step}, resumed from {resumed_from}, "
           f"max abs diff {diff}, {len(flat)} samples, 0 repeated, 0 skipped")
+
+
+# ---- run folders, atomic checkpoints, file modes, stale temp files ---------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_atomic_write_gives_normal_mode_and_stale_temps_are_removed(tmp_path):
+    from distill.io import atomic_write, remove_stale_temps
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.ckpt", lambda tmp: Path(tmp).write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    dead = _dead_pid()
+    stale = tmp_path / f".last.ckpt.tmp-{dead}-abc123.tmp"
+    live = tmp_path / f".last.ckpt.tmp-{os.getpid()}-def456.tmp"
+    build = tmp_path / f"toy-smoke.building-{dead}"
+    other = tmp_path / f"mine.old-{dead}"  # not the cache's: kept
+    for p in (stale, live):
+        p.write_bytes(b"partial")
+    build.mkdir()
+    other.mkdir()
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert remove_stale_temps(tmp_path, build_dirs_of="toy-smoke") == [build]
+    assert live.exists() and other.exists() and path.exists()
+
+
+def test_mllm_cli_paths_follow_default_root_dir_and_saves_atomically(tmp_path):
+    from distill.checkpoint_io import AtomicCheckpointIO
+    from mllm.cli import make_cli
+
+    cfg = yaml.safe_load((ROOT / "configs/mllm/toy_clip_align.yaml").read_text())
+    cfg["data"]["train"]["init_args"]["num_images"] = 8
+    config = tmp_path / "align.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    old = os.environ.get("UNITOWER_TOY_PROFILE")
+    os.environ["UNITOWER_TOY_PROFILE"] = "smoke"
+    try:
+        trainer = make_cli(["-c", str(config), "--trainer.default_root_dir", str(tmp_path / "elsewhere")], run=False).trainer
+    finally:
+        if old is None:
+            os.environ.pop("UNITOWER_TOY_PROFILE")
+        else:
+            os.environ["UNITOWER_TOY_PROFILE"] = old
+    assert Path(trainer.checkpoint_callback.dirpath) == tmp_path / "elsewhere"
+    assert Path(trainer.logger.save_dir) == tmp_path / "elsewhere"
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+@pytest.mark.slow
+def test_distill_fit_writes_below_default_root_dir(tmp_path):
+    cfg = yaml.safe_load(distill_config(tmp_path / "unused", tmp_path / "ids.txt", 0).read_text())
+    cfg["trainer"].update(max_steps=2, logger=True, log_every_n_steps=1, default_root_dir="runs/distill/toy")  # the recipe's own value
+    cfg["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                    "init_args": {"save_last": True, "every_n_train_steps": 1}}]
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    root = tmp_path / "moved"
+    root.mkdir()
+    stale = root / f".last.ckpt.tmp-{_dead_pid()}-abc.tmp"
+    stale.write_bytes(b"partial")
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    cmd = _command("distill", config, "--trainer.default_root_dir", str(root))
+    done = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(workdir.iterdir()) == []  # nothing pinned to the working directory
+    assert (root / "last.ckpt").is_file() and not stale.exists()
+    assert (root / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert list(root.glob("lightning_logs/version_0/metrics.csv")) and list(root.glob("lightning_logs/version_0/config.yaml"))
+    assert not list(root.glob(".*.tmp"))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
