@@ -13,10 +13,13 @@
   the next batch. Exact with any number of DataLoader workers (batches arrive in sampler order).
 
 For iterable datasets (webdataset shards) the state is the number of batches trained in the current
-pass; resuming reads and drops that many batches of a fresh stream. The resumed run lands on the same
-samples only when the stream itself is deterministic (shards read in order without a shuffle buffer,
-`resampled: false`, `shuffle_buffer: 0`): webdataset seeds its shuffle buffer and shard resampling
-from the process id and the clock. Otherwise the count of samples is right but not their identity.
+pass; resuming reads and drops that many batches of a fresh stream (decoding them again: a resume
+late in a long pass takes that long). Each sample's augmentation is seeded from (seed, pass, worker,
+position in the worker's stream). The resumed run lands on the same samples only when the stream itself
+is deterministic (shards read in order without a shuffle buffer: `resampled: false`,
+`shuffle_buffer: 0`; same number of workers): webdataset seeds its shuffle buffer and shard
+resampling from the process id and the clock. Otherwise the number of samples is right (none trained
+twice within the resumed pass's count) but not their identity.
 
     loader = ResumableLoader(dataset, batch_size=32, seed=0, collate_fn=collate_images)
     state = loader.state_dict()          # {"epoch": 0, "position": 17, ...}
@@ -69,6 +72,31 @@ class SeededSamples(Dataset):
         epoch, index = key
         with seeded_rng(sample_seed(self.seed, epoch, index)):
             return self.base[index]
+
+
+class SeededStream(IterableDataset):
+    """Iterates `base` drawing each sample with every generator seeded from (seed, epoch, worker, position).
+
+    `next()` on a webdataset pipeline decodes and augments the next sample, so its augmentation is
+    fixed by where it sits in this worker's stream, not by the process state or the resume point.
+    """
+
+    def __init__(self, base: IterableDataset, seed: int) -> None:
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        stream = (self.seed, self.epoch, 0 if info is None else info.id)
+        samples = iter(self.base)
+        position = 0
+        while True:
+            with seeded_rng(sample_seed(stream[0], stream[1] * 4096 + stream[2], position)):
+                try:
+                    item = next(samples)
+                except StopIteration:
+                    return
+            position += 1
+            yield item
 
 
 class GlobalBatchSampler:
@@ -141,14 +169,16 @@ class ResumableLoader:
         common = {"num_workers": num_workers, "collate_fn": collate_fn, "pin_memory": pin_memory,
                   "persistent_workers": num_workers > 0}
         if self.iterable:
-            self.batch_sampler = None
-            self.loader = DataLoader(dataset, batch_size=batch_size, **common)
+            # workers restart each pass so that they see the pass number (`epoch`) of the stream
+            self.batch_sampler, self.stream = None, SeededStream(dataset, seed)
+            self.loader = DataLoader(self.stream, batch_size=batch_size, **{**common, "persistent_workers": False})
         else:
             self.batch_sampler = GlobalBatchSampler(len(dataset), batch_size, seed, shuffle, drop_last, rank, world_size)
             self.loader = DataLoader(SeededSamples(dataset, seed), batch_sampler=self.batch_sampler, **common)
         self.epoch, self.position = 0, 0
         self.last_ids: list[tuple[int, int]] = []
         self._resumed = False
+        self._pass_done, self._pass_yielded = False, 0
 
     @property
     def sampler(self) -> "ResumableLoader":
@@ -177,6 +207,8 @@ class ResumableLoader:
                 self.position = number + 1
                 yield batch
         else:
+            self.stream.epoch = epoch
+            self._pass_done = False
             batches = iter(self.loader)
             for _ in range(start):  # replay: drop the batches already trained in this pass
                 next(batches)
@@ -184,13 +216,20 @@ class ResumableLoader:
                 self.position += 1
                 self.last_ids = []
                 yield batch
+            self._pass_done, self._pass_yielded = True, self.position
         self.epoch, self.position = epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        position = self.position
         if self.iterable and self.consumed is not None:
-            position = self.consumed()
-        return {"epoch": self.epoch, "position": position, "iterable": self.iterable}
+            # the trainer may hold a batch fetched ahead (and may have seen the pass end): count what it took
+            taken = self.consumed()
+            if self._pass_done:
+                yielded, epoch = self._pass_yielded, self.epoch - 1
+                if taken >= yielded:
+                    return {"epoch": self.epoch, "position": 0, "iterable": True}
+                return {"epoch": epoch, "position": taken, "iterable": True}
+            return {"epoch": self.epoch, "position": taken, "iterable": True}
+        return {"epoch": self.epoch, "position": self.position, "iterable": self.iterable}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if bool(state.get("iterable")) != self.iterable:
