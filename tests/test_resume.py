@@ -288,3 +288,42 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Items 0..10, split across workers; each with a random number from the global generator."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(worker, 11, workers):
+            yield torch.tensor([float(i), torch.rand(()).item()])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_state_counts_what_the_trainer_took(workers):
+    taken = [0]
+
+    def make():
+        return ResumableLoader(_Stream(), batch_size=2, seed=1, num_workers=workers, consumed=lambda: taken[0])
+
+    full = make()
+    reference = list(full) + list(full)  # two passes; the second draws other random numbers
+    assert not torch.equal(reference[0], reference[len(reference) // 2])
+    loader = make()
+    it = iter(loader)
+    seen = [next(it), next(it), next(it)]  # like Lightning: the third batch is fetched ahead of training
+    taken[0] = 2
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "position": 2, "iterable": True}
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = list(resumed) + list(resumed)
+    assert all(torch.equal(a, b) for a, b in zip(seen[:2] + rest, reference)) and len(seen[:2] + rest) == len(reference)
+    # the pass ended while the trainer still held its last batch, then after it trained it
+    loader = make()
+    batches = list(loader)
+    taken[0] = len(batches) - 1
+    assert loader.state_dict() == {"epoch": 0, "position": len(batches) - 1, "iterable": True}
+    taken[0] = len(batches)
+    assert loader.state_dict() == {"epoch": 1, "position": 0, "iterable": True}
