@@ -327,3 +327,27 @@ def test_stream_state_counts_what_the_trainer_took(workers):
     assert loader.state_dict() == {"epoch": 0, "position": len(batches) - 1, "iterable": True}
     taken[0] = len(batches)
     assert loader.state_dict() == {"epoch": 1, "position": 0, "iterable": True}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_data_leaves_the_training_generators_alone(workers):
+    """Training randomness (dropout) must not depend on when workers start or on augmentation draws."""
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    loader = ResumableLoader(_RandomItems(), batch_size=4, seed=1, num_workers=workers)
+    list(loader)
+    list(ResumableLoader(_Stream(), batch_size=4, seed=1, num_workers=workers))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_data_module_state_restores_the_generators():
+    import numpy as np
+
+    from distill.data import DistillDataModule, ToyImages
+
+    dm = DistillDataModule(train=ToyImages(length=8), image_size=32, batch_size=4, num_workers=0)
+    state = dm.state_dict()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    dm.load_state_dict(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all() and first[2] == again[2]

@@ -166,8 +166,11 @@ class ResumableLoader:
                  rank: int = 0, world_size: int = 1, consumed: Callable[[], int] | None = None) -> None:
         self.iterable = isinstance(dataset, IterableDataset)
         self.consumed = consumed
+        # worker base seeds come from a generator of their own, not from the global one: sample
+        # randomness is seeded per sample anyway, and training randomness (dropout) stays independent
+        # of when workers start (a resumed run starts them at another point than the original run)
         common = {"num_workers": num_workers, "collate_fn": collate_fn, "pin_memory": pin_memory,
-                  "persistent_workers": num_workers > 0}
+                  "persistent_workers": num_workers > 0, "generator": torch.Generator().manual_seed(seed)}
         if self.iterable:
             # workers restart each pass so that they see the pass number (`epoch`) of the stream
             self.batch_sampler, self.stream = None, SeededStream(dataset, seed)
