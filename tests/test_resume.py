@@ -130,6 +130,18 @@ def mllm_config(root: Path, ids: Path, workers: int) -> Path:
     return path
 
 
+def mllm_dropout_config(root: Path, ids: Path, workers: int) -> Path:
+    """The toy LoRA finetune recipe, shrunk, with LoRA dropout 0.1: training itself draws random numbers."""
+    cfg = yaml.safe_load((ROOT / "configs/mllm/toy_clip_finetune_lora.yaml").read_text())
+    cfg["trainer"] = _trainer(root, ids)
+    cfg["model"].update(init_from=None, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    cfg["data"].update(batch_size=4, num_workers=workers, val=None)
+    cfg["data"]["train"]["init_args"]["num_images"] = 24
+    path = root.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def _command(package: str, config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", package, "fit", "-c", str(config), *extra]
 
@@ -167,10 +179,12 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("package", ["distill", "mllm", "distill-shards"])
+@pytest.mark.parametrize("package", ["distill", "mllm", "distill-shards", "mllm-lora-dropout"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill9_resume_is_bit_identical(tmp_path, package, workers):
-    make = {"distill": distill_config, "mllm": mllm_config}.get(package)
+    make = {"distill": distill_config, "mllm": mllm_config, "mllm-lora-dropout": mllm_dropout_config}.get(package)
+    if package == "mllm-lora-dropout":
+        package = "mllm"
     if package == "distill-shards":  # 2 shards of 20 toy images, read in order: a deterministic stream
         from distill.toy.shards import export_shards
         from distill.toy.world import ToyWorld
