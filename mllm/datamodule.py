@@ -9,6 +9,7 @@ so `--ckpt_path` continues with the next batch (see distill/data/resumable.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -16,9 +17,13 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from distill.data.resumable import (
-    ResumableLoader, consumed_batches, rng_state, run_seed, set_rng_state, trainer_rank,
+    ResumableLoader,
+    consumed_batches,
+    rng_state,
+    run_seed,
+    set_rng_state,
+    trainer_rank,
 )
-
 from mllm.data import DataSource, SampleEncoder, ToySource, collate
 from mllm.loading import load_tokenizer
 
@@ -79,7 +84,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.encoder = SampleEncoder(self.tokenizer, self.num_image_tokens, self.max_length, self.image_size,
                                      self.chat_template, self.system_prompt, self.pad_to_square)
 
-    def _collate(self):
+    def _collate(self) -> Callable[[list], dict]:
         return partial(collate, pad_token_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> ResumableLoader:

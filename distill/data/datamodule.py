@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader
 
 from distill.data.augment import eval_transform, train_transform
 from distill.data.resumable import (
-    ResumableLoader, consumed_batches, rng_state, run_seed, set_rng_state, trainer_rank,
+    ResumableLoader,
+    consumed_batches,
+    rng_state,
+    run_seed,
+    set_rng_state,
+    trainer_rank,
 )
 from distill.data.sources import ImageSource
 
@@ -87,4 +92,3 @@ class DistillDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "rng" in state:
             set_rng_state(state["rng"])
-

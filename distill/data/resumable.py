@@ -30,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -184,7 +185,7 @@ class ResumableLoader:
         self._pass_done, self._pass_yielded = False, 0
 
     @property
-    def sampler(self) -> "ResumableLoader":
+    def sampler(self) -> ResumableLoader:
         """Lightning calls `sampler.set_epoch(epoch)` on train loaders at each epoch start."""
         return self
 
@@ -246,7 +247,7 @@ def run_seed(seed: int | None) -> int:
     """`seed`, else the run's seed_everything value (Lightning's PL_GLOBAL_SEED), else 0."""
     if seed is not None:
         return seed
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
 def trainer_rank(trainer: L.Trainer | None) -> tuple[int, int]:
