@@ -46,6 +46,9 @@ def test_global_batches_split_across_ranks():
         assert sorted(ranks[0].batch(1, number) + ranks[1].batch(1, number)) == sorted(whole)
         assert ranks[1].batch(1, number) == whole[1::2]
     assert single.order(0).tolist() != single.order(1).tolist()  # a new permutation each epoch
+    assert len(GlobalBatchSampler(21, 4, drop_last=False)) == 6  # the last batch holds 1 sample
+    assert len(GlobalBatchSampler(21, 2, drop_last=False, rank=1, world_size=2)) == 5  # 1 sample, 2 ranks: dropped
+    assert len(GlobalBatchSampler(22, 2, drop_last=False, rank=1, world_size=2)) == 6
     assert sorted(single.order(1).tolist()) == list(range(20))
 
 

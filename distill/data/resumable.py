@@ -108,7 +108,8 @@ class GlobalBatchSampler:
         batch_size: samples per batch on one rank (global batch = batch_size * world_size).
         seed: the permutation of epoch e is drawn from a generator seeded with seed + e.
         shuffle: False keeps the dataset order.
-        drop_last: drop the last incomplete global batch (else it is split as evenly as it goes).
+        drop_last: drop the last incomplete global batch (else it is split as evenly as it goes, and
+            dropped only when it has fewer samples than processes).
         rank, world_size: this process and the number of processes.
     """
 
@@ -125,9 +126,9 @@ class GlobalBatchSampler:
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.length // self.global_batch
-        return -(-self.length // self.global_batch)
+        full, rest = divmod(self.length, self.global_batch)
+        # a last partial global batch is kept only when every rank gets at least one sample of it
+        return full + int(not self.drop_last and rest >= self.world_size)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of `epoch` (the same on every rank)."""
