@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from distill.data.resumable import (
     ResumableLoader,
     consumed_batches,
+    deterministic_stream,
     rng_state,
     run_seed,
     set_rng_state,
@@ -93,6 +94,7 @@ class LlavaDataModule(L.LightningDataModule):
             self.train_source.dataset(self.encoder), self.batch_size, seed=run_seed(self.seed), shuffle=True,
             drop_last=False, num_workers=self.num_workers, collate_fn=self._collate(),
             rank=rank, world_size=world_size, consumed=consumed_batches(self.trainer),
+            replay=deterministic_stream(self.train_source),
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -368,3 +368,12 @@ def test_data_module_state_restores_the_generators():
     dm.load_state_dict(state)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all() and first[2] == again[2]
+
+
+def test_shuffled_stream_resumes_on_a_fresh_stream_with_a_warning():
+    loader = ResumableLoader(_Stream(), batch_size=2, seed=1, replay=False)
+    loader.load_state_dict({"epoch": 0, "position": 2, "iterable": True})
+    with pytest.warns(UserWarning, match="fresh stream"):
+        batches = list(loader)
+    assert batches[0][0, 0].item() == 0.0  # a fresh stream, not 2 batches in
+    assert len(batches) == 6 and loader.epoch == 1

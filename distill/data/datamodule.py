@@ -20,6 +20,7 @@ from distill.data.augment import eval_transform, train_transform
 from distill.data.resumable import (
     ResumableLoader,
     consumed_batches,
+    deterministic_stream,
     rng_state,
     run_seed,
     set_rng_state,
@@ -74,6 +75,7 @@ class DistillDataModule(L.LightningDataModule):
             dataset, self.batch_size, seed=run_seed(self.seed), shuffle=True, drop_last=True,
             num_workers=self.num_workers, collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
             rank=rank, world_size=world_size, consumed=consumed_batches(self.trainer),
+            replay=deterministic_stream(self.train_source),
         )
 
     def val_dataloader(self) -> DataLoader | list:

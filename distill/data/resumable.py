@@ -13,13 +13,14 @@
   the next batch. Exact with any number of DataLoader workers (batches arrive in sampler order).
 
 For iterable datasets (webdataset shards) the state is the number of batches trained in the current
-pass; resuming reads and drops that many batches of a fresh stream (decoding them again: a resume
-late in a long pass takes that long). Each sample's augmentation is seeded from (seed, pass, worker,
-position in the worker's stream). The resumed run lands on the same samples only when the stream itself
-is deterministic (shards read in order without a shuffle buffer: `resampled: false`,
-`shuffle_buffer: 0`; same number of workers): webdataset seeds its shuffle buffer and shard
-resampling from the process id and the clock. Otherwise the number of samples is right (none trained
-twice within the resumed pass's count) but not their identity.
+pass. A deterministic stream (shards read in order without a shuffle buffer: `resampled: false`,
+`shuffle_buffer: 0`, same number of workers) resumes exactly: the loader reads and drops that many
+batches of a fresh stream (decoding them again, so a resume late in a long pass takes that long), and
+each sample's augmentation is seeded from (seed, pass, worker, position in the worker's stream). A
+shuffled or resampled stream cannot be replayed (webdataset seeds its shuffle buffer and shard
+resampling from the process id and the clock): it continues on a fresh stream with a warning. For a
+resampled (endless) stream that is just another random draw; for a shuffled finite pass it means the
+rest of the pass reads the whole pass again, so samples trained before the resume point can come again.
 
     loader = ResumableLoader(dataset, batch_size=32, seed=0, collate_fn=collate_images)
     state = loader.state_dict()          # {"epoch": 0, "position": 17, ...}
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -161,13 +163,17 @@ class ResumableLoader:
         rank, world_size: this process and the number of processes (data-parallel training).
         consumed: for iterable datasets, a function giving the batches the trainer has taken in this
             pass (Lightning fetches one batch ahead of training on unsized loaders).
+        replay: for iterable datasets, resume by reading and dropping the batches already trained in
+            the pass (right for deterministic streams); False starts a fresh stream and keeps counting
+            (for shuffled or resampled streams, whose order a replay would not reproduce anyway).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  num_workers: int = 0, collate_fn: Callable | None = None, pin_memory: bool = False,
-                 rank: int = 0, world_size: int = 1, consumed: Callable[[], int] | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, consumed: Callable[[], int] | None = None,
+                 replay: bool = True) -> None:
         self.iterable = isinstance(dataset, IterableDataset)
-        self.consumed = consumed
+        self.consumed, self.replay = consumed, replay
         # worker base seeds come from a generator of their own, not from the global one: sample
         # randomness is seeded per sample anyway, and training randomness (dropout) stays independent
         # of when workers start (a resumed run starts them at another point than the original run)
@@ -215,7 +221,11 @@ class ResumableLoader:
             self.stream.epoch = epoch
             self._pass_done = False
             batches = iter(self.loader)
-            for _ in range(start):  # replay: drop the batches already trained in this pass
+            if start and not self.replay:
+                warnings.warn(f"Resuming a shuffled or resampled shard stream after {start} batches of this pass: "
+                              "training continues on a fresh stream (the sample order is not reproduced; use "
+                              "shards read in order without a shuffle buffer for an exact resume).", stacklevel=2)
+            for _ in range(start if self.replay else 0):  # replay: drop the batches already trained in this pass
                 next(batches)
             for batch in batches:
                 self.position += 1
@@ -249,6 +259,12 @@ def run_seed(seed: int | None) -> int:
     if seed is not None:
         return seed
     return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
+def deterministic_stream(source: Any) -> bool:
+    """Whether a shard source reads the same samples in the same order every pass (no resampling, no
+    shuffle buffer): then a resume replays its stream to the saved position."""
+    return not (getattr(source, "resampled", False) or getattr(source, "shuffle_buffer", 0))
 
 
 def trainer_rank(trainer: L.Trainer | None) -> tuple[int, int]:
