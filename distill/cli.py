@@ -6,29 +6,81 @@
 
 fit/validate are LightningCLI subcommands: every constructor argument of DistillModule,
 DistillDataModule and the Trainer is a config key; each run saves its config.yaml in its log folder.
+
+Run folders follow `trainer.default_root_dir` (both CLIs, `UnitowerCLI`): a ModelCheckpoint without
+`dirpath` writes there, and without a configured logger the CSV logs go to
+`<default_root_dir>/lightning_logs/version_N`. Checkpoints are written atomically
+(`AtomicCheckpointIO`), and temp files that killed runs left in the checkpoint folders are removed when
+the next fit starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from distill.data import DistillDataModule
+from distill.io import remove_stale_temps
 from distill.module import DistillModule
+
+ATOMIC_CHECKPOINTS = {"plugins": [{"class_path": "distill.checkpoint_io.AtomicCheckpointIO"}]}
+
+
+class UnitowerCLI(LightningCLI):
+    """LightningCLI whose checkpoint and log folders follow `trainer.default_root_dir` (see module docstring)."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        root = trainer.default_root_dir or os.getcwd()
+        if trainer.logger is None or trainer.logger is True:
+            trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                       init_args=Namespace(save_dir=str(root)))
+        for callback in trainer.callbacks or []:
+            if _is_model_checkpoint(callback) and callback.init_args.get("dirpath") is None:
+                callback.init_args.dirpath = str(root)
+
+    def before_fit(self) -> None:
+        folders = {self.trainer.default_root_dir}
+        folders |= {cb.dirpath for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath}
+        for folder in folders:
+            if folder and "://" not in str(folder):
+                remove_stale_temps(folder)
+
+
+def _is_model_checkpoint(callback: Any) -> bool:
+    if not isinstance(callback, Namespace) or "class_path" not in callback:
+        return False
+    try:
+        cls = _import(callback.class_path)  # the parser has already resolved short names to full paths
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+
+
+def _import(class_path: str) -> Any:
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and by default run) the LightningCLI of DistillModule + DistillDataModule."""
-    return LightningCLI(
+    return UnitowerCLI(
         DistillModule,
         DistillDataModule,
         args=args,
         run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [{"class_path": "distill.checkpoint_io.AtomicCheckpointIO"}]},
+        trainer_defaults=ATOMIC_CHECKPOINTS,
     )
 
 

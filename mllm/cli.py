@@ -14,14 +14,14 @@ import argparse
 import json
 import sys
 
-from lightning.pytorch.cli import LightningCLI
-
+from distill.cli import ATOMIC_CHECKPOINTS, UnitowerCLI
 from mllm.datamodule import LlavaDataModule
 from mllm.module import LlavaModule
 
 
-class LlavaCLI(LightningCLI):
-    """LightningCLI with the tokenizer and chat template shared by model and data."""
+class LlavaCLI(UnitowerCLI):
+    """LightningCLI with the tokenizer and chat template shared by model and data; checkpoint and log
+    folders follow trainer.default_root_dir and checkpoints are written atomically (as in distill)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.lm", "data.tokenizer")
@@ -31,7 +31,7 @@ class LlavaCLI(LightningCLI):
 def make_cli(args: list[str] | None = None, run: bool = True) -> LlavaCLI:
     """Build the CLI (run=False only parses and instantiates, as the config tests do)."""
     return LlavaCLI(LlavaModule, LlavaDataModule, args=args, run=run,
-                    save_config_kwargs={"overwrite": True})
+                    save_config_kwargs={"overwrite": True}, trainer_defaults=ATOMIC_CHECKPOINTS)
 
 
 def evaluate_main(argv: list[str]) -> None:

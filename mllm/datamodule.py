@@ -3,16 +3,29 @@
     data = LlavaDataModule(train=ToySource(stage="align"), val=ToySource(seed=1000, num_images=100))
 
 The number of image tokens per image comes from the model's tower at setup (or `num_image_tokens`).
+Training batches come from distill's `ResumableLoader`: their position is saved in every checkpoint,
+so `--ckpt_path` continues with the next batch (see distill/data/resumable.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from distill.skips import DataSkips
+from distill.data.resumable import (
+    ResumableLoader,
+    consumed_batches,
+    deterministic_stream,
+    rng_state,
+    run_seed,
+    set_rng_state,
+    trainer_rank,
+)
 from mllm.data import DataSource, SampleEncoder, ToySource, collate
 from mllm.loading import load_tokenizer
 
@@ -37,6 +50,7 @@ class LlavaDataModule(L.LightningDataModule):
         num_image_tokens: tokens per image; None = read from the model's tower at setup.
         max_skipped_fraction: stop the run (naming the worst files) once more than this fraction of the
             samples seen, records dropped at load included, was skipped (checked after 100; 1.0 never stops).
+        seed: seed of the epoch order; None = the run's `seed_everything` value (0 when there is none).
     """
 
     def __init__(
@@ -55,6 +69,7 @@ class LlavaDataModule(L.LightningDataModule):
         num_workers: int = 0,
         num_image_tokens: int | None = None,
         max_skipped_fraction: float = 0.5,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.train_source = train if train is not None else ToySource()
@@ -64,7 +79,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.max_length, self.image_size, self.pad_to_square = max_length, image_size, pad_to_square
         self.pad_color, self.image_first = pad_color, image_first
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.num_image_tokens = num_image_tokens
+        self.num_image_tokens, self.seed = num_image_tokens, seed
         self.tokenizer = None
         self.encoder: SampleEncoder | None = None
         self.skips = DataSkips(max_skipped_fraction)
@@ -92,20 +107,24 @@ class LlavaDataModule(L.LightningDataModule):
                 "chat_template": self.chat_template, "system_prompt": self.system_prompt,
                 "max_length": self.max_length, "image_first": self.image_first}
 
-    def _loader(self, source: DataSource, shuffle: bool) -> DataLoader:
-        dataset = source.dataset(self.encoder)
-        return DataLoader(
-            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-            shuffle=shuffle and not isinstance(dataset, IterableDataset),
-            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-            persistent_workers=self.num_workers > 0,
+    def _collate(self) -> Callable[[list], dict]:
+        return partial(collate, pad_token_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> ResumableLoader:
+        rank, world_size = trainer_rank(self.trainer)
+        return ResumableLoader(
+            self.train_source.dataset(self.encoder), self.batch_size, seed=run_seed(self.seed), shuffle=True,
+            drop_last=False, num_workers=self.num_workers, collate_fn=self._collate(),
+            rank=rank, world_size=world_size, consumed=consumed_batches(self.trainer),
+            replay=deterministic_stream(self.train_source),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_source, shuffle=True)
-
     def val_dataloader(self) -> DataLoader | list:
-        return [] if self.val_source is None else self._loader(self.val_source, shuffle=False)
+        if self.val_source is None:
+            return []
+        return DataLoader(self.val_source.dataset(self.encoder), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=self._collate(),
+                          persistent_workers=self.num_workers > 0)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Count the batch's skipped samples (main process, exact), log the running total, drop the markers."""
@@ -117,3 +136,11 @@ class LlavaDataModule(L.LightningDataModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
             print(self.skips.summary(), flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the main process's random generators (the data position is saved by Lightning)."""
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rng" in state:
+            set_rng_state(state["rng"])

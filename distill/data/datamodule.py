@@ -1,15 +1,31 @@
 """LightningDataModule for distillation: augmented square images in [0, 1]; skipped samples counted and dropped.
 
     dm = DistillDataModule(train=ToyImages(seed=0), val=ToyImages(seed=1000, length=256), image_size=64)
+
+Training batches come from a `ResumableLoader` (distill/data/resumable.py): their position is saved in
+every checkpoint and a run resumed with `--ckpt_path` continues with the next batch; each image's
+augmentation is drawn from (seed, epoch, index); with W processes each rank takes its share of the
+global batch a single process would train on.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from distill.data.augment import eval_transform, train_transform
+from distill.data.resumable import (
+    ResumableLoader,
+    consumed_batches,
+    deterministic_stream,
+    rng_state,
+    run_seed,
+    set_rng_state,
+    trainer_rank,
+)
 from distill.data.sources import ImageSource
 from distill.skips import DataSkips, Skipped
 
@@ -28,12 +44,14 @@ class DistillDataModule(L.LightningDataModule):
         train: where training images come from (ToyImages, ImageFolder, ShardImages).
         val: held-out images for the per-teacher validation cosine (None disables validation).
         image_size: the square side the student sees; teachers resize it to their own resolution.
-        batch_size: images per device per step.
+        batch_size: images per device per step (the global batch is batch_size x number of processes).
         num_workers: DataLoader worker processes.
         min_scale: smallest area fraction of the random resized crop.
         hflip: random horizontal flips.
         max_skipped_fraction: stop the run (naming the worst files) once more than this fraction of the
             images seen was skipped as broken (checked after 100 images; 1.0 never stops).
+        seed: seed of the epoch order and of each image's augmentation; None = the run's
+            `seed_everything` value (0 when there is none).
     """
 
     def __init__(
@@ -46,34 +64,32 @@ class DistillDataModule(L.LightningDataModule):
         min_scale: float = 0.35,
         hflip: bool = True,
         max_skipped_fraction: float = 0.5,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.train_source, self.val_source = train, val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.min_scale, self.hflip = min_scale, hflip
         self.skips = DataSkips(max_skipped_fraction)
+        self.min_scale, self.hflip, self.seed = min_scale, hflip, seed
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        iterable = isinstance(dataset, IterableDataset)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle and not iterable,
-            num_workers=self.num_workers,
-            collate_fn=collate_images,
-            drop_last=shuffle,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         dataset = self.train_source.dataset(train_transform(self.image_size, self.min_scale, self.hflip))
-        return self._loader(dataset, shuffle=True)
+        rank, world_size = trainer_rank(self.trainer)
+        return ResumableLoader(
+            dataset, self.batch_size, seed=run_seed(self.seed), shuffle=True, drop_last=True,
+            num_workers=self.num_workers, collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
+            rank=rank, world_size=world_size, consumed=consumed_batches(self.trainer),
+            replay=deterministic_stream(self.train_source),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_source is None:
             return []
-        return self._loader(self.val_source.dataset(eval_transform(self.image_size)), shuffle=False)
+        return DataLoader(
+            self.val_source.dataset(eval_transform(self.image_size)), batch_size=self.batch_size, shuffle=False,
+            num_workers=self.num_workers, collate_fn=collate_images, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
         """Count the batch's skipped samples (main process, exact) and hand the module the images only."""
@@ -83,3 +99,11 @@ class DistillDataModule(L.LightningDataModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
             print(self.skips.summary(), flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the main process's random generators (the data position is saved by Lightning)."""
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rng" in state:
+            set_rng_state(state["rng"])

@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distill.io import remove_stale_temps
+
 # Bump when the generator or a trainer changes in a way that changes the teachers.
 BUILD_VERSION = 3
 TOY_FILES = {"clip": "clip", "dino": "dino", "sam": "sam.pth", "lm": "lm"}
@@ -176,6 +178,7 @@ def ensure_cache(
     Without `settings`, the active profile's ($UNITOWER_TOY_PROFILE)."""
     settings = settings or PROFILES[active_profile()]
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    remove_stale_temps(folder.parent, build_dirs_of=folder.name)  # what killed builds left (live builders' are kept)
     if not force and cache_status(folder, settings) == "ok":
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
