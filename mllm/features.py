@@ -27,11 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from distill.io import save_json, save_safetensors
-from mllm.towers import VisionTower, resample_grid
+from mllm.towers import VisionTower
+
+
+FEATURES_VERSION = 2  # bump when a token builder (tower_tokens, oracle_tokens, blind_tokens) changes
 
 
 def _identity_of(value: Any) -> list:
@@ -58,7 +62,7 @@ def feature_key(tower_config: dict, seed: int, num_images: int, image_size: int,
     """Hash of the tower config, the weights it names and the image set (see the module docstring)."""
     from distill.toy.cache import BUILD_VERSION
 
-    payload = [tower_config, _identity_of(tower_config), seed, num_images, image_size, max_objects, BUILD_VERSION]
+    payload = [tower_config, _identity_of(tower_config), seed, num_images, image_size, max_objects, BUILD_VERSION, FEATURES_VERSION]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -125,29 +129,38 @@ class CachedTower(VisionTower):
     them through, so the LLaVA loop trains only projector + LM.
 
     Args:
-        features: a cache file; its JSON gives `dim` and `num_tokens`.
+        features: a cache file (the training images'); its JSON gives `dim` and `num_tokens`.
+        standardize: z-score every channel with the mean / std of all tokens in `features` (fixed, the
+            same statistics for the evaluation images), so every variant reaches the projector on one
+            scale: raw towers differ by orders of magnitude, and a badly scaled input slows the LLaVA's
+            learning far more than it limits it (see the study README).
     """
 
-    def __init__(self, features: str) -> None:
+    def __init__(self, features: str, standardize: bool = True) -> None:
         super().__init__(trainable=False)
         info = features_info(features)
         self.features = features
         self.dim = int(info["dim"])
         self._num_tokens = int(info["num_tokens"])
         self.input_size = (int(info["image_size"]),) * 2
+        mean, std = torch.zeros(self.dim), torch.ones(self.dim)
+        if standardize:
+            tokens = load_file(str(features))["tokens"].reshape(-1, self.dim).double()
+            mean, std = tokens.mean(0).float(), tokens.std(0).float().clamp_min(1e-6)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 3 or tuple(images.shape[1:]) != (self._num_tokens, self.dim):
             raise ValueError(f"CachedTower({self.features}) expects cached tokens [B, {self._num_tokens}, {self.dim}], "
                              f"got {tuple(images.shape)}; give the data source the same `features` file.")
-        return images
+        return (images - self.mean) / self.std
 
 
-# ------------------------------------------------------------------ controls
 def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int, max_objects: int = 4) -> torch.Tensor:
-    """Ground-truth tokens [num_images, grid*grid, 16]: for each cell, the fraction of its pixels that lie in
-    each quadrant (4: where the cell is, as a ViT's position embedding tells a tower), that are covered by
-    an object, and by each colour (6), texture (3) and size (2), pooled to the grid like a tower's map."""
+    """Ground-truth tokens [num_images, grid*grid, 16]: for each cell, 0/1 indicators of the quadrant(s) it
+    lies in (4: where the cell is, as a ViT's position embedding tells a tower), of an object touching it,
+    and of that object's colour (6), texture (3) and size (2)."""
     from distill.toy.world import COLORS, SIZES, TEXTURES, ToyWorld
 
     world = ToyWorld(seed=seed, image_size=image_size, max_objects=max_objects)
@@ -165,7 +178,8 @@ def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int, max_ob
             for channel in (4, offset + COLORS.index(obj.color), offset + len(COLORS) + TEXTURES.index(obj.texture),
                             offset + len(COLORS) + len(TEXTURES) + SIZES.index(obj.size)):
                 maps[index, channel] += mask.float()
-    return resample_grid(maps, (grid, grid)).flatten(2).transpose(1, 2).contiguous()
+    # Max-pooled: a cell reads 1 for every attribute of an object that touches it (0/1 tokens, well scaled).
+    return F.adaptive_max_pool2d(maps, (grid, grid)).flatten(2).transpose(1, 2).contiguous()
 
 
 def blind_tokens(num_images: int, grid: int, dim: int = 16) -> torch.Tensor:

@@ -112,8 +112,11 @@ class ToySample:
     qa: list[QA] = field(default_factory=list)
 
     def questions(self, rng: np.random.Generator) -> list[QA]:
-        """One question of a random kind per object (a training record's turns, in quadrant order)."""
-        return [make_question(obj, QA_KINDS[rng.integers(len(QA_KINDS))]) for obj in self.objects]
+        """A training record's turns (objects in quadrant order): per object, either its colour, texture and
+        size questions or its fusion and size questions (at random). Fusion's answer holds the colour and
+        texture, so it never shares a record with them; every other pair of answers is independent."""
+        bundles = (("color", "texture", "size"), ("fusion", "size"))
+        return [make_question(obj, kind) for obj in self.objects for kind in bundles[rng.integers(2)]]
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> np.ndarray:

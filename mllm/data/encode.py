@@ -51,6 +51,9 @@ def image_to_tensor(image: Image.Image, image_size: int, pad_to_square: bool = F
     return to_tensor(image)
 
 
+MEMO_SIZE = 50_000  # conversations remembered by a SampleEncoder (cleared when full)
+
+
 class SampleEncoder:
     """Record + image -> {"input_ids", "labels", "image"} tensors, or None for a bad record (counted in `skipped`).
 
@@ -80,14 +83,24 @@ class SampleEncoder:
         self.pad_color = pad_color
         self.image_first = image_first
         self.skipped: Counter = Counter()
+        self._memo: dict[tuple, tuple[list[int], list[int]]] = {}
+
+    def tokenize(self, conversations: list[dict], num_images: int) -> tuple[list[int], list[int]]:
+        """tokenize_conversation with this encoder's settings, memoized: small closed worlds (the toy one)
+        repeat the same conversations many times, and rendering a chat template costs ~1 ms."""
+        key = (num_images, tuple((str(t.get("from")), str(t.get("value"))) for t in conversations))
+        if key not in self._memo:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = tokenize_conversation(
+                conversations, self.tokenizer, self.num_image_tokens, self.max_length, num_images=num_images,
+                chat_template=self.chat_template, system_prompt=self.system_prompt, image_first=self.image_first,
+            )
+        return self._memo[key]
 
     def __call__(self, record: dict, image: Image.Image | None) -> dict | None:
         try:
-            input_ids, labels = tokenize_conversation(
-                record["conversations"], self.tokenizer, self.num_image_tokens, self.max_length,
-                num_images=0 if image is None else 1, chat_template=self.chat_template,
-                system_prompt=self.system_prompt, image_first=self.image_first,
-            )
+            input_ids, labels = self.tokenize(record["conversations"], 0 if image is None else 1)
         except ConversationError as error:
             self.skipped[type(error).__name__] += 1
             if sum(self.skipped.values()) <= 5:

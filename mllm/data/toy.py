@@ -56,6 +56,7 @@ class ToySource(DataSource):
         self.seed, self.num_images, self.stage = seed, num_images, stage
         self.features_path = features
         self._features: torch.Tensor | None = None
+        self._samples: dict = {}  # with features: image index -> sample without its pixels (drawn once)
 
     @property
     def features(self) -> torch.Tensor | None:
@@ -72,13 +73,24 @@ class ToySource(DataSource):
         features = self.features
         return image if features is None else features[index]
 
+    def _sample(self, index: int):
+        """World sample `index`; with cached features its pixels are not needed, so it is kept without them
+        and the records of an image (records_per_image of them) draw it once."""
+        if self.features_path is None:
+            return self.world[index]
+        if index not in self._samples:
+            sample = self.world[index]
+            sample.image, sample.masks = None, None
+            self._samples[index] = sample
+        return self._samples[index]
+
     def record(self, index: int) -> dict:
         return self.record_and_image(index)[0]
 
     def record_and_image(self, index: int) -> tuple[dict, Image.Image | torch.Tensor]:
         """Record `index` (image index % num_images) and its image or cached tokens (generated once)."""
         image_index = index % self.num_images
-        sample = self.world[image_index]
+        sample = self._sample(image_index)
         if self.stage == "align":
             turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{ALIGN_PROMPT}"},
                      {"from": "gpt", "value": sample.caption}]
