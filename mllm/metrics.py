@@ -88,12 +88,8 @@ def question_type(reference: str, options: list[str] | None) -> str:
     return "yes_no" if yes_no(reference) != "other" and len(normalize_answer(reference).split()) == 1 else "exact"
 
 
-def score(predictions: list[str], references: list[str], kinds: list[str],
-          options: list[list[str] | None] | None = None) -> dict:
-    """Accuracy overall and per kind (+ POPE metrics for kinds holding yes/no questions)."""
-    if not len(predictions) == len(references) == len(kinds):
-        raise ValueError(f"score: {len(predictions)} predictions, {len(references)} references, {len(kinds)} kinds; "
-                         "they must have equal lengths.")
+def correctness(predictions: list[str], references: list[str], options: list[list[str] | None] | None = None) -> list[float]:
+    """1.0 / 0.0 per question, each scored by its reference (choice, yes/no or exact match)."""
     options = options or [None] * len(predictions)
     correct: list[float] = []
     for prediction, reference, choices in zip(predictions, references, options):
@@ -104,6 +100,17 @@ def score(predictions: list[str], references: list[str], kinds: list[str],
             correct.append(float(yes_no(prediction) == yes_no(reference)))
         else:
             correct.append(exact_match(prediction, reference))
+    return correct
+
+
+def score(predictions: list[str], references: list[str], kinds: list[str],
+          options: list[list[str] | None] | None = None) -> dict:
+    """Accuracy overall and per kind (+ POPE metrics for kinds holding yes/no questions)."""
+    if not len(predictions) == len(references) == len(kinds):
+        raise ValueError(f"score: {len(predictions)} predictions, {len(references)} references, {len(kinds)} kinds; "
+                         "they must have equal lengths.")
+    options = options or [None] * len(predictions)
+    correct = correctness(predictions, references, options)
     by_kind: dict[str, list[int]] = defaultdict(list)
     for index, kind in enumerate(kinds):
         by_kind[kind].append(index)

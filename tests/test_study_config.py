@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mllm.study.config import load_study, with_budget
-from mllm.study.runner import config_key, eval_metrics, stage_config, variant_tower
+from mllm.study.runner import config_key, select_variants, stage_config, variant_tower
 
 ROOT = Path(__file__).parents[1]
 STUDIES = sorted((ROOT / "configs" / "study").glob("*.yaml"))
@@ -16,16 +16,26 @@ STUDIES = sorted((ROOT / "configs" / "study").glob("*.yaml"))
 def test_study_config_parses(path):
     study = load_study(path)
     kinds = {v.kind for v in study.variants}
-    assert kinds == {"single", "ensemble", "student"}
+    assert {"single", "ensemble", "student"} <= kinds <= {"single", "ensemble", "student", "control"}
     for recipe in (study.align_recipe, study.finetune_recipe, study.distill_recipe):
         assert (ROOT / recipe).is_file(), recipe
 
 
-def test_toy_study_matches_the_issue():
+def test_toy_study_has_towers_and_controls():
     study = load_study(ROOT / "configs/study/toy.yaml")
-    assert [v.name for v in study.variants] == ["clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student"]
-    assert with_budget(study, smoke=False).seeds == 3 and with_budget(study, smoke=True).seeds == 1
+    assert [v.name for v in study.variants] == ["clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student",
+                                                "blind", "oracle"]
+    assert [v.control for v in study.variants if v.kind == "control"] == ["blind", "oracle"]
+    full = with_budget(study, smoke=False)
+    assert full.seeds == 3 and full.eval_images >= 1000 and with_budget(study, smoke=True).seeds == 1
     assert with_budget(study, smoke=False, seeds=2).seeds == 2
+    # one feature-layer rule for every tower: the penultimate block, the student's too
+    layers = []
+    for v in study.variants:
+        args = v.tower.get("init_args", {})
+        encoders = args.get("encoders") or ([args["encoder"]] if "encoder" in args else [])
+        layers += [e["init_args"]["layer"] for e in encoders] + ([args["layer"]] if "layer" in args else [])
+    assert len(layers) == 9 and set(layers) == {-2}
 
 
 def test_bad_study_config_names_the_problem(tmp_path):
@@ -34,12 +44,22 @@ def test_bad_study_config_names_the_problem(tmp_path):
     bad.write_text(text)
     with pytest.raises(ValueError, match="variant 'clip' has kind 'solo'"):
         load_study(bad)
+    bad.write_text((ROOT / "configs/study/toy.yaml").read_text().replace("control: oracle", "control: psychic"))
+    with pytest.raises(ValueError, match="control variant 'oracle' needs `control`"):
+        load_study(bad)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_study(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("variant_index", range(6))
-def test_variant_stage_configs_parse_with_the_mllm_cli(tmp_path, variant_index):
+def test_unknown_variant_in_only_is_an_error():
+    study = load_study(ROOT / "configs/study/toy.yaml")
+    assert [v.name for v in select_variants(study, ["oracle", "clip"])] == ["clip", "oracle"]
+    with pytest.raises(ValueError, match=r"--only clipp: unknown variant\(s\).*'ensemble_all'"):
+        select_variants(study, ["clipp"])
+
+
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_cached_stage_configs_parse_with_the_mllm_cli(tmp_path, stage):
     from mllm.cli import LlavaCLI
     from mllm.datamodule import LlavaDataModule
     from mllm.module import LlavaModule
@@ -49,26 +69,26 @@ def test_variant_stage_configs_parse_with_the_mllm_cli(tmp_path, variant_index):
             pass
 
     study = load_study(ROOT / "configs/study/toy.yaml")
-    variant = study.variants[variant_index]
-    tower = variant_tower(variant, study, student=str(tmp_path / "export"))
-    assert tower["init_args"]["grid"] == 8
-    recipe = yaml.safe_load((ROOT / study.finetune_recipe).read_text())
-    cfg = stage_config(recipe, tower, "finetune", seed=2, steps=7, run_dir=tmp_path, study=study)
+    budget = with_budget(study, smoke=False)
+    recipe = yaml.safe_load((ROOT / (study.align_recipe if stage == "align" else study.finetune_recipe)).read_text())
+    cfg = stage_config(recipe, stage, seed=2, steps=7, run_dir=tmp_path, features="/feat.safetensors", study=study,
+                       budget=budget)
     assert cfg["seed_everything"] == 2 and cfg["trainer"]["max_steps"] == 7
+    assert cfg["model"]["tower"] == {"class_path": "mllm.features.CachedTower", "init_args": {"features": "/feat.safetensors"}}
+    train = cfg["data"]["train"]["init_args"]
+    assert train["features"] == "/feat.safetensors" and train["max_objects"] == study.max_objects
+    assert train["num_images"] == budget.train_images and cfg["data"]["val"] is None
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cli = ParseOnly(LlavaModule, LlavaDataModule, run=False, args=["-c", str(path)])
     assert cli.config["trainer"]["max_steps"] == 7
 
 
-def test_student_variant_needs_a_student():
+def test_variant_towers_get_the_common_grid_and_the_student():
     study = load_study(ROOT / "configs/study/toy.yaml")
+    student = next(v for v in study.variants if v.kind == "student")
+    tower = variant_tower(student, study, student="/exports/s0")
+    assert tower["init_args"]["path"] == "/exports/s0" and tower["init_args"]["grid"] == study.grid
     with pytest.raises(ValueError, match="needs the distilled student"):
-        variant_tower(study.variants[-1], study, student=None)
-
-
-def test_eval_metrics_flattening_and_keys():
-    result = {"overall": {"accuracy": 0.5}, "by_kind": {"color": {"accuracy": 0.25},
-                                                       "existence": {"accuracy": 0.75, "pope": {"f1": 0.8}}}}
-    assert eval_metrics(result) == {"overall": 0.5, "color": 0.25, "existence": 0.75, "existence_f1": 0.8}
+        variant_tower(student, study, student=None)
     assert config_key({"a": 1}, 2) == config_key({"a": 1}, 2) != config_key({"a": 1}, 3)

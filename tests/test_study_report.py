@@ -1,61 +1,108 @@
-"""Study report: mean ± std aggregation, failed variants, the reading's verdicts, CSV/plot files; tower cost."""
+"""Study report: the instrument gate, claims with Holm correction and TOST, tables, CSV and plot; tower cost."""
 
 import csv
+import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from mllm.study.config import load_study, with_budget
 from mllm.study.cost import gflops_per_image, tower_cost
-from mllm.study.report import aggregate, markdown_table, mean_std, reading, write_report
+from mllm.study.report import accuracy_table, build_claims, gate, write_report
 
-COST = {"tower_params_m": 1.0, "gflops_per_image": 0.5, "ms_per_image": 2.0}
-
-
-def rec(variant, kind, seed, color, status="ok"):
-    return {"variant": variant, "kind": kind, "seed": seed, "status": status, "error": None if status == "ok" else "boom",
-            "metrics": {"color": color, "overall": color / 2} if status == "ok" else {}, "cost": COST,
-            "projector_params": 1234, "train_seconds": 10.0, "align_steps_per_s": 12.0, "finetune_steps_per_s": None}
+KINDS = ("color", "texture", "size", "fusion")
 
 
-RECORDS = [
-    rec("clip", "single", 0, 0.5), rec("clip", "single", 1, 0.7),
-    rec("dino", "single", 0, 0.2), rec("dino", "single", 1, 0.2),
-    rec("ensemble_all", "ensemble", 0, 0.9), rec("ensemble_all", "ensemble", 1, 0.9),
-    rec("student", "student", 0, 0.9), rec("student", "student", 1, 0.9),
-    rec("sam", "single", 0, 0.0, status="failed"),
-]
+def items(num_images=300):
+    return [{"question": f"q{k}", "answer": "a", "kind": k, "image": i} for i in range(num_images) for k in KINDS]
 
 
-def test_mean_std():
-    assert mean_std([0.5, 0.7]) == pytest.approx((0.6, 0.1414213562))
-    assert mean_std([3.0]) == (3.0, 0.0)
+def answers(rng, accuracy_by_kind, questions, seeds=3):
+    """0/1 correctness [seeds, questions] with the given accuracy per kind."""
+    p = np.array([accuracy_by_kind[q["kind"]] for q in questions])
+    return (rng.random((seeds, len(questions))) < p).astype(float)
 
 
-def test_aggregate_and_table():
-    summary = aggregate(RECORDS)
-    by = {r["variant"]: r for r in summary}
-    assert by["clip"]["metrics"]["color"] == pytest.approx((0.6, 0.1414213562))
-    assert by["sam"]["status"] == "failed" and by["sam"]["error"] == "boom"
-    table = markdown_table(summary)
-    assert "| clip | 0.300 ± 0.071 | 0.600 ± 0.141 |" in table  # overall first, then color
-    assert "failed" in table and "boom" in table
+def write_runs(tmp_path, correct):
+    records = []
+    kinds = {"clip": "single", "dino": "single", "sam": "single", "ensemble_all": "ensemble", "student": "student",
+             "blind": "control", "oracle": "control"}
+    for name, values in correct.items():
+        for seed, row in enumerate(values):
+            run = tmp_path / "runs" / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "eval.json").write_text(json.dumps({"correct": row.tolist()}))
+            records.append({"variant": name, "kind": kinds[name], "seed": seed, "status": "ok", "run_dir": str(run),
+                            "finetune_steps_per_s": 10.0})
+    return records
 
 
-def test_reading_verdicts():
-    lines = "\n".join(reading(aggregate(RECORDS)))
-    assert "**color**: best is ensemble_all" in lines  # first of the tied best
-    assert "beats (+0.300) vs best single encoder clip" in lines
-    assert "ties (within 1 std) (+0.000) vs ensemble_all" in lines
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(0)
+    questions = items()
+    correct = {
+        "clip": answers(rng, {"color": 0.95, "texture": 0.4, "size": 0.6, "fusion": 0.4}, questions),
+        "dino": answers(rng, {"color": 0.3, "texture": 0.9, "size": 0.6, "fusion": 0.3}, questions),
+        "sam": answers(rng, {"color": 0.3, "texture": 0.4, "size": 0.95, "fusion": 0.1}, questions),
+        "ensemble_all": answers(rng, {"color": 0.95, "texture": 0.9, "size": 0.95, "fusion": 0.85}, questions),
+        "student": answers(rng, {"color": 0.95, "texture": 0.9, "size": 0.95, "fusion": 0.85}, questions),
+        "blind": answers(rng, {"color": 0.17, "texture": 0.33, "size": 0.5, "fusion": 0.06}, questions),
+        "oracle": np.ones((3, len(questions))),
+    }
+    prior = answers(rng, {"color": 0.17, "texture": 0.33, "size": 0.5, "fusion": 0.06}, questions, seeds=1)[0]
+    return questions, correct, prior
 
 
-def test_write_report_files(tmp_path):
-    write_report(aggregate(RECORDS), tmp_path, header="# Study")
+def test_gate_passes_with_good_controls_and_fails_with_bad_ones(world):
+    questions, correct, prior = world
+    table = accuracy_table(correct, questions, prior)
+    valid, text = gate(table)
+    assert valid and "Instrument valid" in text
+    leaky = dict(correct, blind=correct["clip"])
+    valid, text = gate(accuracy_table(leaky, questions, prior))
+    assert not valid and "blind" in text and "leak" in text
+    weak = dict(correct, oracle=correct["clip"])
+    valid, text = gate(accuracy_table(weak, questions, prior))
+    assert not valid and "oracle" in text
+    assert not gate(accuracy_table({"clip": correct["clip"]}, questions, None))[0]
+
+
+def test_claims_are_tested_and_holm_corrected(world):
+    questions, correct, _ = world
+    kinds = {"clip": "single", "dino": "single", "sam": "single", "ensemble_all": "ensemble", "student": "student"}
+    claims = build_claims(correct, questions, kinds)
+    by = {(c["group"][:3], c["a"], c["b"], c["kind"]): c for c in claims}
+    assert len(claims) == 6 + 6 + 2
+    assert all(c["p_holm"] >= c["p"] for c in claims)
+    assert by[("(b)", "clip", "dino", "color")]["verdict"] == "clip ahead"
+    assert by[("(b)", "dino", "sam", "texture")]["verdict"] == "dino ahead"
+    assert by[("(c)", "ensemble_all", "clip", "fusion")]["verdict"] == "ensemble_all ahead"
+    equivalence = by[("(d)", "student", "ensemble_all", "overall")]
+    assert equivalence["verdict"].startswith("no difference measured") and "TOST" in equivalence["verdict"]
+
+
+def test_write_report_files(tmp_path, world):
+    from pathlib import Path
+
+    questions, correct, prior = world
+    root = Path(__file__).parents[1]
+    study = load_study(root / "configs/study/toy.yaml")
+    study.align_recipe = str(root / study.align_recipe)
+    records = write_runs(tmp_path, correct)
+    probes = {"clip": [{"overall": 0.8, "color": 1.0, "texture": 0.7, "size": 0.9, "fusion": 0.6}]}
+    report = write_report(records, questions, prior.tolist(), probes, {"clip": {"tower_params_m": 1.0,
+                          "gflops_per_image": 0.5, "ms_per_image": 2.0}}, {}, study, with_budget(study, False), tmp_path)
+    text = report.read_text()
+    for section in ("Instrument gate", "Accuracy by question kind", "Probes vs LLaVA", "Claims (paired, Holm-corrected)"):
+        assert section in text
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert [r["variant"] for r in rows] == ["clip", "dino", "ensemble_all", "student", "sam"]
-    assert float(rows[0]["color_mean"]) == pytest.approx(0.6)
+    assert [r["variant"] for r in rows][:2] == ["text prior", "clip"]
+    assert float(rows[1]["color_mean"]) == pytest.approx(correct["clip"][:, 0::4].mean())
+    assert float(rows[1]["probe_color"]) == 1.0 and rows[1]["instrument_valid"] == "True"
     assert (tmp_path / "results.png").stat().st_size > 1000
-    assert (tmp_path / "results.md").read_text().startswith("# Study")
 
 
 def test_flops_of_a_linear_layer_match_hand_count():

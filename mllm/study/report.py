@@ -53,6 +53,12 @@ def load_correct(records: list[dict]) -> dict[str, np.ndarray]:
     return {name: np.asarray(rows, dtype=float) for name, rows in by.items()}
 
 
+def kinds_in(items: list[dict]) -> list[str]:
+    """The question kinds present: the toy world's in their order, then any others sorted."""
+    present = {item["kind"] for item in items}
+    return [k for k in KINDS if k in present] + sorted(present - set(KINDS))
+
+
 def _select(items: list[dict], kind: str | None) -> np.ndarray:
     return np.array([kind is None or item["kind"] == kind for item in items])
 
@@ -69,6 +75,8 @@ class Claims:
         if a not in self.correct or b not in self.correct:
             return
         mask = _select(self.items, kind)
+        if not mask.any():  # e.g. no fusion questions in a real-scale benchmark
+            return
         diff = paired_difference(self.correct[a][:, mask], self.correct[b][:, mask], self.image_ids[mask])
         row = {"group": group, "a": a, "b": b, "kind": kind or "overall", "delta": diff.delta, "low": diff.low,
                "high": diff.high, "p": diff.p, "expect": expect, "diff": diff}
@@ -96,14 +104,14 @@ def _ci(cell: tuple[float, float, float] | None) -> str:
     return "–" if cell is None else f"{cell[0]:.3f} [{cell[1]:.3f}, {cell[2]:.3f}]"
 
 
-def accuracy_table(correct: dict[str, np.ndarray], items: list[dict], prior: list[int]) -> dict[str, dict[str, tuple]]:
-    """{variant: {kind or 'overall': (mean, low, high)}} including the 'text prior' row."""
+def accuracy_table(correct: dict[str, np.ndarray], items: list[dict], prior: list[int] | None) -> dict[str, dict[str, tuple]]:
+    """{variant: {kind or 'overall': (mean, low, high)}} including the 'text prior' row when given."""
     image_ids = np.array([item["image"] for item in items])
-    rows = {"text prior": np.asarray([prior], dtype=float), **correct}
+    rows = ({"text prior": np.asarray([prior], dtype=float)} if prior is not None else {}) | correct
     table = {}
     for name, values in rows.items():
         table[name] = {"overall": accuracy_ci(values, image_ids)}
-        for kind in KINDS:
+        for kind in kinds_in(items):
             mask = _select(items, kind)
             table[name][kind] = accuracy_ci(values[:, mask], image_ids[mask])
     return table
@@ -111,7 +119,7 @@ def accuracy_table(correct: dict[str, np.ndarray], items: list[dict], prior: lis
 
 def gate(table: dict) -> tuple[bool, str]:
     """The instrument is valid only if blind <= text prior + 0.02 and oracle >= 0.90 overall."""
-    if "blind" not in table or "oracle" not in table:
+    if "blind" not in table or "oracle" not in table or "text prior" not in table:
         return False, "the blind and oracle controls were not run, so the instrument is not validated."
     prior, blind, oracle = (table[n]["overall"][0] for n in ("text prior", "blind", "oracle"))
     problems = []
@@ -149,25 +157,34 @@ def build_claims(correct: dict[str, np.ndarray], items: list[dict], kinds_of: di
 
 
 def header(study, budget, smoke: bool, seconds: float | None) -> str:
-    align = __import__("yaml").safe_load(Path(study.align_recipe).read_text())
+    import yaml
+
+    align = yaml.safe_load(Path(study.align_recipe).read_text())
     grid = f"{study.grid}x{study.grid} = {study.grid ** 2} visual tokens for every tower" if study.grid else "each tower's own grid"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    if study.eval_json:
+        data = (f"{budget.align_steps} align + {budget.finetune_steps} finetune steps on the recipes' data, seeds "
+                f"0..{budget.seeds - 1}, {grid}. Scored: greedy answers to `{study.eval_json}`, each by its reference "
+                "(multiple choice, yes/no, exact match).")
+    else:
+        data = (f"{budget.align_steps} align + {budget.finetune_steps} finetune steps on the cached tokens of "
+                f"{budget.train_images} training images (toy world, at most {study.max_objects} object(s) per image), "
+                f"seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every tower (the student's too), tokens "
+                f"standardized per channel. Scored: every question kind for every object of {budget.eval_images} "
+                "held-out images (seed 1000), answered by ranking the candidate answers' likelihood (sum of "
+                "answer-token log-probs).")
     return "\n".join([
         "# unitower baseline study" + (" (smoke)" if smoke else ""),
         "",
         f"Same for every variant: projector `{align['model'].get('projector')}`, LM `{align['model'].get('lm')}`, "
-        f"{budget.align_steps} align + {budget.finetune_steps} finetune steps on the cached tokens of "
-        f"{budget.train_images} training images, seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every "
-        f"tower (the student's too). Scored: every question kind for every object of {budget.eval_images} held-out "
-        "images (seed 1000), answered by ranking the candidate answers' likelihood (sum of answer-token log-probs). "
-        "Accuracy mean over seeds [95% bootstrap CI over images and seeds].",
+        + data + " Accuracy: mean over seeds [95% bootstrap CI over images and seeds].",
         "",
         f"Measured {datetime.date.today().isoformat()} on {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), "
         f"{device}, torch {torch.__version__}" + (f"; study wall time {seconds / 60:.1f} min." if seconds is not None else "."),
     ])
 
 
-def write_report(records: list[dict], items: list[dict], prior: list[int], probes: dict, costs: dict, distill: dict,
+def write_report(records: list[dict], items: list[dict], prior: list[int] | None, probes: dict, costs: dict, distill: dict,
                  study, budget, out_dir: Path, smoke: bool = False, seconds: float | None = None) -> Path:
     """results.md, results.csv and results.png in `out_dir`; returns the results.md path."""
     out_dir = Path(out_dir)
@@ -178,7 +195,7 @@ def write_report(records: list[dict], items: list[dict], prior: list[int], probe
     claims = build_claims(correct, items, kinds_of)
     failed = [r for r in records if r["status"] != "ok"]
     parts = [header(study, budget, smoke, seconds), "## Instrument gate\n\n" + gate_text,
-             "## Accuracy by question kind\n\n" + accuracy_markdown(table, costs, records),
+             "## Accuracy by question kind\n\n" + accuracy_markdown(table, costs, records, kinds_in(items)),
              "## Probes vs LLaVA\n\n" + probe_markdown(probes, table),
              "## Claims (paired, Holm-corrected)\n\n" + claims_markdown(claims)]
     if distill:
@@ -189,20 +206,20 @@ def write_report(records: list[dict], items: list[dict], prior: list[int], probe
         parts.append("## Failed runs\n\n" + "\n".join(f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed))
     text = "\n\n".join(parts) + "\n"
     atomic_write(out_dir / "results.md", lambda tmp: Path(tmp).write_text(text))
-    write_csv(table, probes, costs, out_dir / "results.csv", valid)
+    write_csv(table, probes, costs, out_dir / "results.csv", valid, kinds_in(items))
     if correct:
-        plot(table, out_dir / "results.png")
+        plot(table, out_dir / "results.png", kinds_in(items))
     return out_dir / "results.md"
 
 
-def accuracy_markdown(table: dict, costs: dict, records: list[dict]) -> str:
-    head = ["variant", "overall", *KINDS, "tower params (M)", "GFLOPs/img", "ms/img", "finetune it/s", "seeds"]
+def accuracy_markdown(table: dict, costs: dict, records: list[dict], kinds: list[str]) -> str:
+    head = ["variant", "overall", *kinds, "tower params (M)", "GFLOPs/img", "ms/img", "finetune it/s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in table.items():
         runs = [r for r in records if r["variant"] == name and r["status"] == "ok"]
         cost = costs.get(name, {})
         speed = [r["finetune_steps_per_s"] for r in runs if r.get("finetune_steps_per_s")]
-        cells = [name, *(_ci(row.get(k)) for k in ("overall", *KINDS))]
+        cells = [name, *(_ci(row.get(k)) for k in ("overall", *kinds))]
         cells += [f"{cost[k]:.3f}" if k in cost else "–" for k in COST_KEYS]
         cells += [f"{np.mean(speed):.1f}" if speed else "–", str(len(runs)) if runs else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -210,6 +227,8 @@ def accuracy_markdown(table: dict, costs: dict, records: list[dict]) -> str:
 
 
 def probe_markdown(probes: dict, table: dict) -> str:
+    if not probes:
+        return "No probes: they need the toy world's object labels."
     head = ["variant", *(f"{k} probe / LLaVA" for k in ("overall", *KINDS))]
     lines = ["Ridge probes on the frozen tokens of each object's quadrant (held-out objects); LLaVA = the table "
              "above; ratio = LLaVA / probe (how much of what the tower knows the LLaVA uses).", "",
@@ -237,28 +256,28 @@ def claims_markdown(claims: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(table: dict, probes: dict, costs: dict, path: Path, valid: bool) -> None:
+def write_csv(table: dict, probes: dict, costs: dict, path: Path, valid: bool, kinds: list[str]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    metrics = ("overall", *KINDS)
+    metrics = ("overall", *kinds)
     writer.writerow(["variant", *[f"{m}_{s}" for m in metrics for s in ("mean", "low", "high")],
                      *[f"probe_{m}" for m in metrics], *COST_KEYS, "instrument_valid"])
     for name, row in table.items():
         runs = probes.get(name)
-        probe = [float(np.mean([r[m] for r in runs])) if runs else "" for m in metrics]
+        probe = [float(np.mean([r[m] for r in runs])) if runs and m in runs[0] else "" for m in metrics]
         writer.writerow([name, *[v for m in metrics for v in row[m]], *probe,
                          *[costs.get(name, {}).get(k, "") for k in COST_KEYS], valid])
     atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(table: dict, path: Path, kinds: list[str]) -> None:
     """Grouped bars per question kind, one bar per variant, 95% CI whiskers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ("overall", *KINDS)
+    metrics = ("overall", *kinds)
     names = list(table)
     fig, ax = plt.subplots(figsize=(10, 4.2))
     width = 0.85 / len(names)
@@ -271,7 +290,7 @@ def plot(table: dict, path: Path) -> None:
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set_ylabel("accuracy (95% CI)")
     ax.set_ylim(0, 1.05)
-    ax.set_title("unitower toy study: LLaVA accuracy by vision tower")
+    ax.set_title("unitower study: LLaVA accuracy by vision tower")
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
