@@ -11,26 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader
 
 from distill.skips import DataSkips
 from distill.data.resumable import (
+    CountedResumableData,
     ResumableLoader,
     consumed_batches,
     deterministic_stream,
-    rng_state,
     run_seed,
-    set_rng_state,
     trainer_rank,
 )
 from mllm.data import DataSource, SampleEncoder, ToySource, collate
 from mllm.loading import load_tokenizer
 
 
-class LlavaDataModule(L.LightningDataModule):
+class LlavaDataModule(CountedResumableData):
     """Training / validation data of one LLaVA stage.
 
     Args:
@@ -132,15 +129,3 @@ class LlavaDataModule(L.LightningDataModule):
         kept = 0 if batch["input_ids"] is None else len(batch["input_ids"])
         self.skips.record(self.trainer, batch.pop("skipped"), kept)
         return batch
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
-            print(self.skips.summary(), flush=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the main process's random generators (the data position is saved by Lightning)."""
-        return {"rng": rng_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "rng" in state:
-            set_rng_state(state["rng"])

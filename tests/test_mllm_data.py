@@ -88,25 +88,30 @@ def test_toy_source_records():
     assert align.record(0)["conversations"][1]["value"] == sample.caption
     finetune = ToySource(seed=0, num_images=2, stage="finetune")
     turns = finetune.record(0)["conversations"]
-    assert len(turns) == 2 * len(sample.qa) and turns[0]["value"].startswith("<image>\n")
+    # per object its colour/texture/size questions or its fusion/size questions
+    assert 2 * len(sample.objects) <= len(turns) // 2 <= 3 * len(sample.objects)
+    assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
     items = finetune.eval_items()
     assert len(items) == sum(len(finetune.world[i].qa) for i in range(2))
     assert items[0].load_image().size == (64, 64)
 
 
-def test_toy_finetune_records_shuffle_question_order():
+def test_toy_finetune_records_shuffle_question_order_and_ask_anew():
     from mllm.data import ToySource
 
-    source = ToySource(seed=0, num_images=30, stage="finetune")
-    first_questions = set()
+    source = ToySource(seed=0, num_images=30, stage="finetune", records_per_image=2)
+    first_kinds, renewed = set(), 0
     for index in range(30):
         record = source.record(index)
         humans = [t["value"].replace("<image>\n", "") for t in record["conversations"] if t["from"] == "human"]
-        assert record["conversations"][0]["value"].startswith("<image>\n")
-        assert sorted(humans) == sorted(qa.question for qa in source.world[index].qa)  # same QA, new order
+        asked = {qa.question: qa.answer for qa in source.world[index].qa}
+        answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+        assert [asked[h] for h in humans] == answers  # every question is the image's, with its answer
         assert source.record(index) == record  # deterministic
-        first_questions.add(humans[0].split()[0:2].__str__())
-    assert len(first_questions) > 3  # not always the same kind of question first
+        first_kinds.add(humans[0].split()[1])
+        renewed += source.record(index + 30)["conversations"] != record["conversations"]  # same image, asked anew
+    assert len(first_kinds) > 2 and renewed > 5
+    assert len(source.dataset(lambda r, v: r)) == 60
 
 
 def test_toy_questions_per_record_limits_turns():
@@ -114,14 +119,11 @@ def test_toy_questions_per_record_limits_turns():
 
     full = ToySource(seed=0, num_images=20, stage="finetune")
     single = ToySource(seed=0, num_images=20, stage="finetune", questions_per_record=1)
-    kinds = set()
     for index in range(20):
         turns = single.record(index)["conversations"]
         assert len(turns) == 2 and turns[0]["value"].startswith("<image>\n")
         # the one question is the first of the full record's shuffled order, with its answer
         assert turns == full.record(index)["conversations"][:2]
-        kinds.add(turns[0]["value"].split("\n")[1].split()[0:2].__str__())
-    assert len(kinds) > 3
     with pytest.raises(ValueError, match="questions_per_record"):
         ToySource(stage="finetune", questions_per_record=0)
 

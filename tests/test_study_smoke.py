@@ -1,43 +1,47 @@
-"""The whole route in smoke mode: smoke toy world build, distillation + export, LLaVA align/finetune/eval
-for every variant, report files; a second run reuses the finished runs."""
+"""The whole route in smoke mode: smoke toy world build, distillation + export, cached tower tokens, probes,
+LLaVA align/finetune/likelihood evaluation for every variant and control, report files; a second run reuses
+the finished runs. No wall-clock limit: a slow machine makes it slower, never failing."""
 
 import csv
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
+VARIANTS = ["text prior", "clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student", "blind", "oracle"]
 
 
 def run(args, env):
     return subprocess.run([sys.executable, "scripts/compare_baselines.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True)
 
 
 def test_smoke_study_end_to_end(tmp_path):
-    env = dict(os.environ, UNITOWER_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, UNITOWER_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     out = tmp_path / "study"
     proc = run(["--smoke", "--out", str(out)], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["variant"] for r in rows] == ["clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student"]
-    assert all(r["status"] == "ok" for r in rows), [(r["variant"], r["error"]) for r in rows]
+    assert [r["variant"] for r in rows] == VARIANTS
     for r in rows:
-        assert 0.0 <= float(r["overall_mean"]) <= 1.0 and float(r["gflops_per_image"]) > 0
-    # the ensemble of all three costs more than any single encoder
-    cost = {r["variant"]: float(r["gflops_per_image"]) for r in rows}
-    assert cost["ensemble_all"] > max(cost["clip"], cost["dino"], cost["sam"])
+        assert 0.0 <= float(r["overall_low"]) <= float(r["overall_mean"]) <= float(r["overall_high"]) <= 1.0
+    cost = {r["variant"]: float(r["gflops_per_image"]) for r in rows if r["gflops_per_image"]}
+    assert cost["ensemble_all"] > max(cost["clip"], cost["dino"], cost["sam"]) > 0  # the ensemble costs the most
+    assert all(rows[i]["probe_color"] for i in range(1, len(VARIANTS)))  # every variant was probed
+    text = (out / "results.md").read_text()
+    for section in ("Instrument gate", "Probes vs LLaVA", "Claims (paired, Holm-corrected)", "Distillation"):
+        assert section in text
     assert (out / "results.png").stat().st_size > 1000
-    assert "Same for every variant" in (out / "results.md").read_text()
-    assert len(list(out.glob("runs/*/seed0-*/finetune.yaml"))) == 6
+    assert len(list(out.glob("runs/*/seed0-*/finetune.yaml"))) == len(VARIANTS) - 1
+    assert len(list(out.glob("features/*.safetensors"))) == 2 * (len(VARIANTS) - 1)  # train + held-out per variant
     records = json.loads((out / "records.json").read_text())["records"]
-    assert all(r["align_steps_per_s"] > 0 and r["finetune_steps_per_s"] > 0 for r in records)  # StepTimer measured
+    assert all(r["status"] == "ok" and r["align_steps_per_s"] > 0 for r in records)
+    questions = json.loads((out / "questions.json").read_text())["questions"]
+    assert {q["kind"] for q in questions} == {"color", "texture", "size", "fusion"}
 
-    started = time.time()
     again = run(["--smoke", "--out", str(out), "--only", "clip", "student"], env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "distilling" not in again.stdout  # the exported student is reused
-    assert time.time() - started < 60
+    assert "distilling" not in again.stdout and "distilling" not in again.stderr  # the exported student is reused
+    assert "study runs" in again.stderr

@@ -10,20 +10,17 @@ global batch a single process would train on.
 
 from __future__ import annotations
 
-from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from distill.data.augment import eval_transform, train_transform
 from distill.data.resumable import (
+    CountedResumableData,
     ResumableLoader,
     consumed_batches,
     deterministic_stream,
-    rng_state,
     run_seed,
-    set_rng_state,
     trainer_rank,
 )
 from distill.data.sources import ImageSource
@@ -37,7 +34,7 @@ def collate_images(items: list[torch.Tensor | Skipped]) -> dict:
             "skipped": [x for x in items if isinstance(x, Skipped)]}
 
 
-class DistillDataModule(L.LightningDataModule):
+class DistillDataModule(CountedResumableData):
     """Training and validation images for distillation.
 
     Args:
@@ -95,15 +92,3 @@ class DistillDataModule(L.LightningDataModule):
         """Count the batch's skipped samples (main process, exact) and hand the module the images only."""
         self.skips.record(self.trainer, batch["skipped"], len(batch["images"]))
         return batch["images"]
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
-            print(self.skips.summary(), flush=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the main process's random generators (the data position is saved by Lightning)."""
-        return {"rng": rng_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "rng" in state:
-            set_rng_state(state["rng"])

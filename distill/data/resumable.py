@@ -298,6 +298,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+class CountedResumableData(L.LightningDataModule):
+    """What both packages' data modules share: the skip summary at the end of fit (`self.skips`, a
+    distill.skips.DataSkips) and the main process's random generators in every checkpoint."""
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
+            print(self.skips.summary(), flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the main process's random generators (the data position is saved by Lightning)."""
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rng" in state:
+            set_rng_state(state["rng"])
+
+
 class RecordSampleIds(L.Callback):
     """Append, for every training batch, `global_step epoch:index ...` to a text file (one file per rank).
 
