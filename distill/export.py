@@ -1,6 +1,6 @@
 """Export a trained student from a distillation checkpoint for other tools.
 
-    python -m distill export --ckpt runs/toy/checkpoints/last.ckpt --out exports/toy [--with-adaptors]
+    python -m distill export --ckpt runs/distill/toy/last.ckpt --out exports/toy [--with-adaptors]
 
 Writes timm's own local-folder format (config.json + model.safetensors), so that any of
 

@@ -1,6 +1,6 @@
 """Score a LLaVA checkpoint: greedy answers to evaluation questions, metrics by question kind, JSON out.
 
-    python -m mllm evaluate --ckpt runs/toy_clip_finetune/.../last.ckpt --out results.json
+    python -m mllm evaluate --ckpt runs/mllm/toy_clip/finetune.ckpt --out results.json
     results = evaluate_checkpoint("last.ckpt")                  # from Python (compare script)
 
 Default questions: the toy world's held-out images (seed 1000), all their QA pairs.
