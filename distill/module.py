@@ -166,7 +166,8 @@ class DistillModule(L.LightningModule):
             return
         loader = self.trainer.train_dataloader
         count = self.hparams.calibration_batches
-        self.calibrate(batch for _, batch in zip(range(count), loader))
+        # Raw loader batches are {"images", "skipped"} (the datamodule's transfer hook is not applied here).
+        self.calibrate(batch["images"] if isinstance(batch, dict) else batch for _, batch in zip(range(count), loader))
 
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         if images.numel() == 0:

@@ -485,7 +485,7 @@ def test_distill_cli_fit_on_damaged_shards(tmp_path, shards, tiny_teacher_files,
             "student": {"class_path": "distill.student.StudentViT", "init_args": {
                 "model_name": "vit_small_patch16_224", "summary_names": ["dino"], "num_registers": 0, "img_size": 16,
                 "model_args": {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 1}}},
-            "teachers": [teacher("dino", "distill.encoders.TimmEncoder", {"model_name": f"local-dir:{files['dino']}"})],
+            "teachers": [teacher("dino", "distill.encoders.TimmEncoder", {"model_name": f"local-dir:{files['dino']}", "crop_pct": 1.0})],
             "adaptor_hidden_dim": 16,
         },
         "data": {"train": {"class_path": "distill.data.ShardImages",
@@ -497,5 +497,6 @@ def test_distill_cli_fit_on_damaged_shards(tmp_path, shards, tiny_teacher_files,
         warnings.simplefilter("ignore")
         lightning_cli(["fit", "-c", str(tmp_path / "config.yaml")])
     skipped = read_csv_metric(tmp_path / "logs", "train/skipped")
-    assert skipped == sorted(skipped) and skipped[-1] == 6.0
-    assert "data summary: [train] 42 items used, 6 skipped" in capsys.readouterr().out
+    # every damaged item of the shards is counted, the last partial batch's too (43 used + 8 skipped = all)
+    assert skipped == sorted(skipped) and skipped[-1] == 8.0
+    assert "data summary: [train] 43 items used, 8 skipped" in capsys.readouterr().out
