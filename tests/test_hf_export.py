@@ -16,6 +16,7 @@ from mllm.data import ToySource, image_to_tensor
 from mllm.generate import generate_answers
 from mllm.hf_export import ExportError, vision_export
 from mllm.loading import load_tokenizer
+from llava_configs import cli_trainer
 
 IMAGE_SIZE = 64
 MAX_NEW_TOKENS = 6
@@ -44,10 +45,7 @@ def exported(smoke_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_export")
     config = {
         "seed_everything": 0,
-        "trainer": {"max_steps": 120, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp / "run"), "num_sanity_val_steps": 0,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp / "run"), "filename": "finetune"}}]},
+        "trainer": cli_trainer(tmp / "run", 120, "finetune"),
         "model": {"tower": {"class_path": "mllm.towers.SingleEncoderTower", "init_args": {"grid": 8, "encoder": {
                       "class_path": "distill.encoders.OpenClipEncoder",
                       "init_args": {"model_name": "toy:clip", "layer": -2}}}},

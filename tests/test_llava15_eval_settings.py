@@ -11,6 +11,7 @@ from mllm.cli import main, make_cli
 from mllm.data import LlavaJsonSource
 from mllm.evaluate import evaluate_checkpoint
 from mllm.tiny import tiny_llava_records, write_llava_json, write_tiny_lm
+from llava_configs import cli_trainer, timm_tower
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +21,8 @@ def trained(tmp_path_factory):
     lm, vit = write_tiny_lm(tmp / "lm", steps=10), write_timm_dir(tmp / "vit")
     data = write_llava_json(tiny_llava_records(tmp / "img", 8, "finetune"), tmp / "finetune.json")
     config = {
-        "trainer": {"max_steps": 2, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp / "run"), "num_sanity_val_steps": 0,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp / "run"), "filename": "align"}}]},
-        "model": {"tower": {"class_path": "mllm.towers.SingleEncoderTower", "init_args": {"grid": 2, "encoder": {
-                      "class_path": "distill.encoders.TimmEncoder",
-                      "init_args": {"model_name": f"local-dir:{vit}", "pretrained": True}}}},
+        "trainer": cli_trainer(tmp / "run", 2, "align"),
+        "model": {"tower": timm_tower(vit),
                   "lm": str(lm), "stage": "align"},
         "data": {"train": {"class_path": "mllm.data.LlavaJsonSource",
                            "init_args": {"json_path": str(data), "image_folder": str(tmp / "img")}},

@@ -17,6 +17,7 @@ from mllm.data import LlavaJsonSource, image_to_tensor  # noqa: E402
 from mllm.generate import generate_answers  # noqa: E402
 from mllm.lmms_eval import UnitowerLlava, register  # noqa: E402
 from mllm.tiny import COLORS, tiny_llava_records, write_llava_json, write_tiny_lm  # noqa: E402
+from llava_configs import cli_trainer, timm_tower  # noqa: E402
 
 IMAGE_SIZE = 32
 TASK_UTILS = '''
@@ -66,13 +67,8 @@ def setup(tmp_path_factory):
     data = write_llava_json(records, tmp / "finetune.json")
     config = {
         "seed_everything": 0,
-        "trainer": {"max_steps": 40, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp / "run"), "num_sanity_val_steps": 0,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp / "run"), "filename": "ft"}}]},
-        "model": {"tower": {"class_path": "mllm.towers.SingleEncoderTower", "init_args": {"grid": 2, "encoder": {
-                      "class_path": "distill.encoders.TimmEncoder",
-                      "init_args": {"model_name": f"local-dir:{vit}", "pretrained": True}}}},
+        "trainer": cli_trainer(tmp / "run", 40, "ft"),
+        "model": {"tower": timm_tower(vit),
                   "lm": str(lm), "stage": "finetune", "lm_lr": 1e-3, "projector_lr": 1e-2},
         "data": {"train": {"class_path": "mllm.data.LlavaJsonSource",
                            "init_args": {"json_path": str(data), "image_folder": str(tmp / "img")}},

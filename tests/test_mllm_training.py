@@ -14,6 +14,7 @@ from mllm.loading import load_tokenizer
 from mllm.module import LlavaModule, LoraOptions
 from mllm.tiny import tiny_llava_records, write_llava_json, write_tiny_lm
 from mllm.towers import SingleEncoderTower
+from llava_configs import cli_trainer, timm_tower
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +89,8 @@ def test_projector_from_another_tower_is_rejected(setup):
 def test_cli_fit_then_evaluate(setup):
     tmp = setup["tmp"]
     config = {
-        "trainer": {"max_steps": 3, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp / "run"), "num_sanity_val_steps": 0,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp / "run"), "filename": "align"}}]},
-        "model": {"tower": {"class_path": "mllm.towers.SingleEncoderTower", "init_args": {"grid": 2, "encoder": {
-                      "class_path": "distill.encoders.TimmEncoder",
-                      "init_args": {"model_name": f"local-dir:{setup['vit']}", "pretrained": True}}}},
+        "trainer": cli_trainer(tmp / "run", 3, "align"),
+        "model": {"tower": timm_tower(setup["vit"]),
                   "lm": setup["lm"], "stage": "align"},
         "data": {"train": {"class_path": "mllm.data.LlavaJsonSource",
                            "init_args": {"json_path": str(setup["data"]["align"]), "image_folder": str(tmp / "img")}},

@@ -70,13 +70,12 @@ def test_probe_reads_a_linearly_coded_attribute_and_not_noise():
     rng = np.random.default_rng(3)
 
     def fake(n_images):
-        objects, tokens = [], torch.randn(n_images, 4, 12) * 0.01
+        objects, tokens = [], torch.randn(n_images, 4, 12) * 0.01  # grid 2: token q is quadrant q
         for i in range(n_images):
             for q in range(4):
                 color, texture = COLORS[rng.integers(6)], TEXTURES[rng.integers(3)]
                 labels = {"color": color, "texture": texture, "size": "small", "fusion": f"{color} {texture}"}
                 objects.append((i, q, labels))
-                cell = (q // 2) * 2 * 2 + (q % 2)  # the top-left cell of quadrant q in a 2x2... grid 2 -> one cell
                 tokens[i, q, COLORS.index(color)] += 1.0  # colour is coded, texture is not
         return tokens, objects
 
