@@ -61,9 +61,12 @@ def decode_image(data: bytes | str | Path, where: str, file: str | None = None) 
             return Skipped(where, file, "empty file", "0 bytes")
     try:
         with Image.open(source) as image:
-            if ImageFile.LOAD_TRUNCATED_IMAGES:  # a global someone else may have set; truncated files are errors here
-                raise OSError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; unset it so truncated images are detected")
-            image.load()
+            # Truncated files are errors here, even where a library (lmms-eval does) set PIL's global to accept them.
+            lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+            try:
+                image.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = lenient
             return to_rgb(image)
     except _Unusable as error:
         return Skipped(where, file, "unsupported image mode", str(error))

@@ -12,8 +12,9 @@ What maps (transformers' Llava is CLIP-like vision model -> 2-layer MLP projecto
 - LM: the causal LM's base model -> model.language_model, lm_head -> lm_head; LoRA adapters are merged (in place).
 - processor: the tokenizer with `<image>` added (a new id past the LM's vocabulary: one zero embedding row, and
   generation_config.suppress_tokens keeps generate from emitting it), the chat template (the processor's version also
-  takes content lists such as [{"type": "image"}, {"type": "text", ...}]), and a CLIP image processor that squashes
-  to the tower's input size (bicubic) and normalizes with its mean/std, as unitower's data path does. Load it with
+  takes content lists such as [{"type": "image"}, {"type": "text", ...}]), and a CLIP image processor that resizes
+  the short side to the tower's input size (bicubic), centre-crops and normalizes with its mean/std, as
+  unitower's data path does. Load it with
   `AutoProcessor.from_pretrained(out, backend="pil")` for pixels identical to unitower's PIL resize; the default
   torchvision backend resizes slightly differently (max abs 0.015 after normalization on a resized toy image).
 - weights are written in float32 (the dtype transformers builds the model in).
@@ -365,21 +366,22 @@ def _with_image_token(tokenizer: Any, chat_template: str | None) -> Any:
 
 
 def _image_processor(preprocess: dict, image_size: int, pad_to_square: bool):
-    """CLIP (or LLaVA, with pad_to_square) PIL image processor: squash to image_size, rescale, normalize."""
+    """CLIP (or LLaVA, with pad_to_square) PIL image processor: short side to image_size, centre crop, rescale,
+    normalize (unitower's data path, mllm.data.encode.image_to_tensor)."""
     from transformers.image_utils import PILImageResampling
 
     resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}.get(
         preprocess.get("interpolation", "bicubic"), PILImageResampling.BICUBIC)
     kwargs = dict(
-        do_resize=True, size={"height": image_size, "width": image_size}, resample=resample,
-        do_center_crop=False, crop_size={"height": image_size, "width": image_size},
+        do_resize=True, size={"shortest_edge": image_size}, resample=resample,
+        do_center_crop=True, crop_size={"height": image_size, "width": image_size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(preprocess["mean"]), image_std=list(preprocess["std"]), do_convert_rgb=True,
     )
     if pad_to_square:
         from transformers import LlavaImageProcessorPil
 
-        # unitower pads with each image's own mean colour; transformers pads with one fixed colour (the processor mean)
+        # both pad with the processor mean colour (unitower's default pad_color for CLIP towers)
         return LlavaImageProcessorPil(do_pad=True, **kwargs)
     from transformers import CLIPImageProcessorPil
 

@@ -169,6 +169,16 @@ def test_unusable_bytes_become_named_markers(data, reason, detail):
     assert marker.message.startswith("skipping shard.tar :: x.jpg: " + reason)
 
 
+def test_truncated_image_is_caught_even_when_pil_was_told_to_accept_it(monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # lmms-eval sets this global on import
+    marker = decode_image(truncated_jpeg(), "x.jpg", "x.jpg")
+    assert isinstance(marker, Skipped) and marker.reason == "undecodable image"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored
+    assert not isinstance(decode_image(good_png(), "ok.png", "ok.png"), Skipped)
+
+
 # ------------------------------------------------------------------------------------------------ tar reading
 
 

@@ -104,7 +104,7 @@ def test_vision_features_equal_unitower_tower(exported):
 
 @pytest.mark.slow  # shares the module fixture: `python -m mllm fit` 120 steps + export
 def test_processor_resizes_like_unitower(exported):
-    """A non-square image of another size: the PIL backend squashes exactly as unitower's data path does."""
+    """A non-square image of another size: the PIL backend resizes and crops exactly as unitower's data path does."""
     from transformers import AutoProcessor
 
     module = exported["module"]
