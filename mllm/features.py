@@ -38,15 +38,15 @@ from mllm.towers import VisionTower
 FEATURES_VERSION = 2  # bump when a token builder (tower_tokens, oracle_tokens, blind_tokens) changes
 
 
-def _identity_of(value: Any) -> list:
+def weights_identity(value: Any) -> list:
     """(path, size, mtime) of every existing file under the paths named in `value` (a config tree)."""
     found: list = []
     if isinstance(value, dict):
         for item in value.values():
-            found += _identity_of(item)
+            found += weights_identity(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            found += _identity_of(item)
+            found += weights_identity(item)
     elif isinstance(value, str) and value.startswith("toy:"):
         from distill.toy.cache import PROFILES, active_profile  # lazy: only toy names need the toy cache
 
@@ -62,7 +62,7 @@ def feature_key(tower_config: dict, seed: int, num_images: int, image_size: int,
     """Hash of the tower config, the weights it names and the image set (see the module docstring)."""
     from distill.toy.cache import BUILD_VERSION
 
-    payload = [tower_config, _identity_of(tower_config), seed, num_images, image_size, max_objects, BUILD_VERSION, FEATURES_VERSION]
+    payload = [tower_config, weights_identity(tower_config), seed, num_images, image_size, max_objects, BUILD_VERSION, FEATURES_VERSION]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -300,6 +300,7 @@ def run_online_variant(variant: Variant, seed: int, study: Study, budget: Budget
     """Real-scale run (a study with `eval_json`): align + finetune with the tower in the loop, then greedy
     answers to the evaluation JSON, each scored by its reference (choice, yes/no, exact match)."""
     from mllm.data import LlavaJsonSource
+    from mllm.features import weights_identity
     from mllm.generate import generate_answers
     from mllm.loading import load_tokenizer
     from mllm.metrics import correctness
@@ -308,7 +309,7 @@ def run_online_variant(variant: Variant, seed: int, study: Study, budget: Budget
     align_recipe = yaml.safe_load(Path(study.align_recipe).read_text())
     finetune_recipe = yaml.safe_load(Path(study.finetune_recipe).read_text())
     key = config_key(tower, align_recipe, finetune_recipe, seed, budget.align_steps, budget.finetune_steps,
-                     budget.eval_images, study.image_size, study.eval_json, _identity(tower))
+                     budget.eval_images, study.image_size, study.eval_json, weights_identity(tower))
     run_dir = out_dir / "runs" / variant.name / f"seed{seed}-{key}"
     if (run_dir / "record.json").is_file() and not force:
         return json.loads((run_dir / "record.json").read_text())
@@ -341,12 +342,6 @@ def run_online_variant(variant: Variant, seed: int, study: Study, budget: Budget
         return record
     save_json(record, run_dir / "record.json")
     return record
-
-
-def _identity(tower: dict) -> list:
-    from mllm.features import _identity_of
-
-    return _identity_of(tower)
 
 
 def online_study(study: Study, budget: Budget, out_dir: Path, variants: list[Variant], smoke: bool, force: bool,
