@@ -12,7 +12,9 @@ from mllm.study.runner import run_study
 from mllm.tiny import tiny_llava_records, write_llava_json, write_tiny_lm
 
 
-def test_online_study_end_to_end(tmp_path):
+def test_online_study_end_to_end(tmp_path, monkeypatch):
+    # run_study sets $UNITOWER_TOY_PROFILE for its workers; monkeypatch restores it for the tests after this one
+    monkeypatch.setenv("UNITOWER_TOY_PROFILE", "default")
     lm, vit = write_tiny_lm(tmp_path / "lm", steps=10), write_timm_dir(tmp_path / "vit")
     data = {stage: write_llava_json(tiny_llava_records(tmp_path / "img", 6, stage), tmp_path / f"{stage}.json")
             for stage in ("align", "finetune")}

@@ -181,7 +181,11 @@ def test_cache_builds_reuses_and_rebuilds(tmp_path, monkeypatch):
 def test_toy_path_uses_env_cache_dir_and_names(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setenv("UNITOWER_CACHE", str(tmp_path / "envcache"))
+    monkeypatch.delenv("UNITOWER_TOY_PROFILE", raising=False)
     assert toy_cache.default_cache_dir() == tmp_path / "envcache"
+    monkeypatch.setenv("UNITOWER_TOY_PROFILE", "smoke")
+    assert toy_cache.default_cache_dir() == tmp_path / "envcache-smoke"
+    monkeypatch.delenv("UNITOWER_TOY_PROFILE")
     monkeypatch.setattr(toy_cache, "ensure_cache", lambda cache_dir=None: calls.append(cache_dir) or tmp_path / "built")
     assert toy_path("sam") == tmp_path / "built" / "sam.pth"
     assert toy_path("dino", "/elsewhere") == tmp_path / "built" / "dino"
