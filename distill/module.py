@@ -1,11 +1,12 @@
 """LightningModule for multi-teacher distillation (AM-RADIO style).
 
-Wires frozen teachers, the student ViT and per-teacher adaptor heads; computes the summary and dense
-losses per teacher, logs each of them, and reports per-teacher cosine similarity on validation.
-Teacher weights are not stored in checkpoints (they are reloaded from their own files).
+Wires frozen teachers to the student (distill/model.py StudentModel: backbone + one adaptor head per
+teacher, added here); computes the summary and dense losses per teacher, logs each of them, and reports
+per-teacher cosine similarity on validation. `teacher_targets` is the one place teacher features of a batch
+are produced. Teacher weights are not stored in checkpoints (they are reloaded from their own files).
 With `dense_loss: mse` the teachers' dense features are standardized by fixed per-channel statistics
-measured on `calibration_batches` training batches when training starts (summed over all ranks),
-kept in the checkpoint and written to the export.
+(owned by each adaptor head) measured on `calibration_batches` training batches when training starts
+(summed over all ranks), kept in the checkpoint and written to the export.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from distill import losses
-from distill.feature_norm import build_normalizer
-from distill.heads import AdaptorHead
+from distill.encoders.base import EncoderOutput
+from distill.model import StudentModel
 from distill.schedule import warmup_cosine
-from distill.student import StudentViT
 from distill.teacher import Teacher
 
 DENSE_LOSSES = ("cosine_smooth_l1", "mse")
@@ -31,7 +31,8 @@ class DistillModule(L.LightningModule):
     """Distill several frozen teachers into one student.
 
     Args:
-        student: the student ViT; its ``summary_names`` must list the teachers that have a summary, in order.
+        student: the student model (backbone only; the adaptor heads are added here, one per teacher); its
+            ``summary_names`` must list the teachers that have a summary, in order.
         teachers: the frozen teachers with their loss weights.
         dense_loss: ``cosine_smooth_l1`` (a*cos + b*smooth-L1) or ``mse`` (MSE against teacher features
             standardized per channel with fixed statistics measured on ``calibration_batches`` batches).
@@ -48,7 +49,7 @@ class DistillModule(L.LightningModule):
 
     def __init__(
         self,
-        student: StudentViT,
+        student: StudentModel,
         teachers: list[Teacher],
         dense_loss: str = "cosine_smooth_l1",
         dense_cosine_weight: float = 0.9,
@@ -79,28 +80,32 @@ class DistillModule(L.LightningModule):
             )
         self.student = student
         self.teachers = nn.ModuleList(teachers)
-        self.heads = nn.ModuleDict(
-            {
-                t.name: AdaptorHead(
-                    student.embed_dim, t.encoder.summary_dim, t.encoder.dense_dim, adaptor_hidden_dim, adaptor_layers
-                )
-                for t in teachers
-            }
-        )
-        # mse only: fixed per-teacher normalizers of the dense targets (fitted by `calibrate`)
-        self.dense_norm = nn.ModuleDict(
-            {t.name: build_normalizer(DENSE_NORMALIZER, t.encoder.dense_dim) for t in teachers} if dense_loss == "mse" else {}
-        )
+        # mse only: each head owns the fixed normalizer of its dense targets (fitted by `calibrate`)
+        normalizer = DENSE_NORMALIZER if dense_loss == "mse" else None
+        for t in teachers:
+            student.add_adaptor(
+                t.name, t.encoder.summary_dim, t.encoder.dense_dim, adaptor_hidden_dim, adaptor_layers, normalizer
+            )
         self.dense_loss = dense_loss
         self.optimizer_factory = optimizer
+
+    @property
+    def dense_norm(self) -> nn.ModuleDict:
+        """{teacher: fixed dense normalizer} with dense_loss=mse, else empty (a view: the heads own them)."""
+        return nn.ModuleDict({name: head.norm for name, head in self.student.heads.items() if head.norm is not None})
+
+    def teacher_targets(self, images: torch.Tensor) -> dict[str, EncoderOutput]:
+        """{teacher name: its features (summary, dense) of `images` in [0, 1]}: the distillation targets."""
+        return {teacher.name: teacher.targets(images) for teacher in self.teachers}
 
     def teacher_losses(self, images: torch.Tensor, stage: str) -> torch.Tensor:
         """Total weighted loss over teachers; logs every part per teacher (and cosines on validation)."""
         out = self.student(images)
+        targets = self.teacher_targets(images)
         total = images.new_zeros(())
         for teacher in self.teachers:
-            target = teacher.targets(images)
-            pred_summary, pred_dense = self.heads[teacher.name](out.summary.get(teacher.name), out.dense)
+            target = targets[teacher.name]
+            pred_summary, pred_dense = out.adaptors[teacher.name].summary, out.adaptors[teacher.name].dense
             pred_dense = losses.resize_to_grid(pred_dense, target.dense.shape[-2:])
             logs = {}
             if teacher.has_summary:
@@ -132,9 +137,7 @@ class DistillModule(L.LightningModule):
 
     def to_teacher_space(self, name: str, pred_dense: torch.Tensor) -> torch.Tensor:
         """Undo the standardization of the MSE loss so predictions compare with raw teacher features."""
-        if self.dense_loss != "mse":
-            return pred_dense
-        return self.dense_norm[name].inverse(pred_dense)
+        return self.student.heads[name].to_teacher_space(pred_dense)
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:
@@ -142,16 +145,18 @@ class DistillModule(L.LightningModule):
         attached, the statistics are summed over all ranks first so every rank fits identical values."""
         if not self.dense_norm:
             return  # cosine_smooth_l1 has nothing to calibrate
-        sums = {name: None for name in self.dense_norm}
+        norms = self.dense_norm
+        sums = {name: None for name in norms}
         for images in batches:
             images = images.to(self.device)
             if images.numel() == 0:
                 continue
+            targets = self.teacher_targets(images)
             for teacher in self.teachers:
-                batch_sums = self.dense_norm[teacher.name].statistics(teacher.targets(images).dense)
+                batch_sums = norms[teacher.name].statistics(targets[teacher.name].dense)
                 sums[teacher.name] = batch_sums if sums[teacher.name] is None else sums[teacher.name] + batch_sums
         for teacher in self.teachers:
-            norm, total = self.dense_norm[teacher.name], sums[teacher.name]
+            norm, total = norms[teacher.name], sums[teacher.name]
             if total is None:  # no images here: still join the reduce so other ranks do not wait forever
                 total = norm.statistics(torch.zeros(1, teacher.encoder.dense_dim, 1, 1, device=self.device)) * 0
             if self._trainer is not None:
@@ -197,18 +202,9 @@ class DistillModule(L.LightningModule):
 
     def export_metadata(self) -> dict:
         """Everything `distill export` needs to rebuild the student and heads without the teachers."""
-        s = self.student
         return {
-            "student": {
-                "model_name": s.model_name,
-                "model_args": s.model_args,
-                "summary_names": s.summary_names,
-                "num_registers": s.num_registers,
-                "mean": s.mean.flatten().tolist(),
-                "std": s.std.flatten().tolist(),
-                "img_size": s.img_size,
-            },
-            "heads": {name: head.config for name, head in self.heads.items()},
+            "student": self.student.config(),
+            "heads": self.student.adaptors_config(),
             "dense_loss": self.dense_loss,
             "dense_norm": DENSE_NORMALIZER if self.dense_norm else None,
             "teachers": {
@@ -227,9 +223,22 @@ class DistillModule(L.LightningModule):
         # Put the current teacher weights back so strict loading still checks the student and heads.
         for key, value in self.teachers.state_dict().items():
             checkpoint["state_dict"].setdefault(f"teachers.{key}", value)
-        # Checkpoints from before the fixed statistics held running EMA ones ('stats.*'); an mse run recalibrates.
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("stats.")]:
-            del checkpoint["state_dict"][key]
+        upgrade_state_dict(checkpoint["state_dict"])
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """Bring an older DistillModule state dict (in place) to the current layout: heads moved from 'heads.<t>.*'
+    to 'student.heads.<t>.*', normalizers from 'dense_norm.<t>.*' to 'student.heads.<t>.norm.*'; the running
+    EMA statistics of even older checkpoints ('stats.*') are dropped (an mse run recalibrates)."""
+    for key in list(state):
+        if key.startswith("heads."):
+            state["student." + key] = state.pop(key)
+        elif key.startswith("dense_norm."):
+            teacher, rest = key.removeprefix("dense_norm.").split(".", 1)
+            state[f"student.heads.{teacher}.norm.{rest}"] = state.pop(key)
+        elif key.startswith("stats."):
+            del state[key]
+    return state
 
 
 def _check_full_view(teacher: Teacher) -> None:
