@@ -274,7 +274,7 @@ class StudentModel(nn.Module):
         return out
 
     @classmethod
-    def from_export(cls, path: str | Path, adaptors: Sequence[str] | None = None) -> "StudentModel":
+    def from_export(cls, path: str | Path, adaptors: Sequence[str] | None = None) -> StudentModel:
         """Load an `export` folder: the backbone through timm's local-dir loader, and the heads of the teachers
         in `adaptors` (None: every head the export has, if any) from adaptors.safetensors."""
         folder = Path(path)

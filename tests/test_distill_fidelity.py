@@ -8,8 +8,8 @@ import torch
 
 from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
 from distill.encoders import resize as R
-from distill.module import DistillModule
 from distill.model import StudentModel
+from distill.module import DistillModule
 from distill.teacher import Teacher
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
