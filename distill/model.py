@@ -123,7 +123,7 @@ class StudentModel(nn.Module):
             from distill.encoders.paths import resolve_path
 
             checkpoint = str(resolve_path(checkpoint))
-        overlay = dict(file=checkpoint) if checkpoint else None
+        overlay = {"file": checkpoint} if checkpoint else None
         try:
             self.model = timm.create_model(
                 model_name, pretrained=pretrained or checkpoint is not None, pretrained_cfg_overlay=overlay, **self.model_args
@@ -255,8 +255,8 @@ class StudentModel(nn.Module):
             save_safetensors(self.heads.state_dict(), out / ADAPTORS_WEIGHTS)
             save_json({**layout, "heads": self.adaptors_config()}, out / ADAPTORS_CONFIG)
         size = self.img_size
-        data_config = dict(input_size=(3, size, size), mean=self.conditioner.mean, std=self.conditioner.std,
-                           interpolation="bicubic", crop_pct=1.0)
+        data_config = {"input_size": (3, size, size), "mean": self.conditioner.mean, "std": self.conditioner.std,
+                       "interpolation": "bicubic", "crop_pct": 1.0}
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
         try:
             save_for_hf(self.model, str(staging), model_config={"pretrained_cfg": {"tag": "unitower_student"}},
