@@ -2,7 +2,8 @@
 
     python -m distill export --ckpt runs/distill/toy/last.ckpt --out exports/toy [--with-adaptors]
 
-Writes timm's own local-folder format (config.json + model.safetensors), so that any of
+The checkpoint's `student.*` weights are loaded into distill.model.StudentModel, which writes itself
+(`StudentModel.export`): the backbone with timm's own `save_for_hf` (config.json + model.safetensors), so any of
 
     timm.create_model("local-dir:exports/toy", pretrained=True)
     transformers.TimmWrapperModel.from_pretrained("exports/toy")     # or transformers.AutoModel
@@ -11,8 +12,8 @@ Writes timm's own local-folder format (config.json + model.safetensors), so that
 rebuilds the backbone without unitower installed. `num_classes` stays out of `model_args`
 (transformers passes num_classes=0 itself and would get it twice). Prefix token i of the backbone is
 the summary token of teacher config["unitower"]["summary_names"][i]. With --with-adaptors,
-adaptors.safetensors and adaptors.json hold the per-teacher heads and, for dense_loss=mse, the fixed
-feature normalizers ("dense_norm.<teacher>.*"; load them with distill.exported.StudentEncoder).
+adaptors.safetensors and adaptors.json hold the per-teacher heads and, for dense_loss=mse, their fixed
+feature normalizers ("<teacher>.norm.*"), plus the token layout (load them with StudentModel.from_export).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.io import load_checkpoint as read_checkpoint
-from distill.io import save_json, save_safetensors
+from distill.model import StudentModel
+from distill.module import upgrade_state_dict
 
 
 def load_checkpoint(ckpt: str | Path) -> dict:
@@ -34,52 +36,25 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     return checkpoint
 
 
-def timm_config(meta: dict) -> dict:
-    """timm's local-dir config.json for the student backbone."""
-    s = meta["student"]
-    size = s["img_size"]
-    # num_classes lives at the root (timm and transformers both read it there), never in model_args
-    model_args = {k: v for k, v in s["model_args"].items() if k != "num_classes"}
-    return {
-        "architecture": s["model_name"],
-        "num_classes": 0,
-        "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, size, size],
-            "mean": s["mean"],
-            "std": s["std"],
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "num_classes": 0,
-            "fixed_input_size": False,
-        },
-        "unitower": {
-            "summary_names": s["summary_names"],
-            "num_registers": s["num_registers"],
-            "teachers": meta["teachers"],
-        },
-    }
+def student_from_checkpoint(ckpt: str | Path) -> tuple[StudentModel, dict]:
+    """The trained StudentModel (backbone + every adaptor head) of a DistillModule checkpoint, and its metadata."""
+    checkpoint = load_checkpoint(ckpt)
+    meta, state = checkpoint["unitower"], upgrade_state_dict(dict(checkpoint["state_dict"]))
+    if not any(k.startswith("student.model.") for k in state):
+        raise ValueError(f"{ckpt} holds no 'student.model.*' weights.")
+    model = StudentModel(**meta["student"])
+    for name, head in meta["heads"].items():
+        args = {k: v for k, v in head.items() if k != "student_dim"}
+        args.setdefault("normalizer", meta.get("dense_norm"))  # checkpoints from before the heads owned it
+        model.add_adaptor(name, **args)
+    model.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+    if meta["dense_loss"] == "mse" and not all(head.norm.fitted for head in model.heads.values()):
+        raise ValueError(f"{ckpt}: dense_loss=mse but the checkpoint holds no fitted dense normalizer statistics.")
+    return model, meta
 
 
 def export_student(ckpt: str | Path, out: str | Path, with_adaptors: bool = False) -> Path:
     """Write the student backbone (and optionally the adaptor heads) from `ckpt` into folder `out`."""
-    checkpoint = load_checkpoint(ckpt)
-    meta, state = checkpoint["unitower"], checkpoint["state_dict"]
-    out = Path(out)
-    backbone = {k.removeprefix("student.model."): v for k, v in state.items() if k.startswith("student.model.")}
-    if not backbone:
-        raise ValueError(f"{ckpt} holds no 'student.model.*' weights.")
-    save_safetensors(backbone, out / "model.safetensors")
-    if with_adaptors:
-        heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
-        norms = {k: v for k, v in state.items() if k.startswith("dense_norm.")}
-        if meta["dense_loss"] == "mse" and not norms:
-            raise ValueError(f"{ckpt}: dense_loss=mse but the checkpoint holds no 'dense_norm.*' statistics to export.")
-        save_safetensors({**heads, **norms}, out / "adaptors.safetensors")
-        save_json(
-            {"dense_loss": meta["dense_loss"], "dense_norm": meta.get("dense_norm"), "heads": meta["heads"]},
-            out / "adaptors.json",
-        )
-    # config.json last: a folder with a config is a complete export.
-    save_json(timm_config(meta), out / "config.json")
-    return out
+    model, meta = student_from_checkpoint(ckpt)
+    extra = {"teachers": meta["teachers"], "dense_loss": meta["dense_loss"], "dense_norm": meta.get("dense_norm")}
+    return model.export(out, with_adaptors=with_adaptors, extra=extra)

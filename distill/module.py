@@ -1,11 +1,12 @@
 """LightningModule for multi-teacher distillation (AM-RADIO style).
 
-Wires frozen teachers, the student ViT and per-teacher adaptor heads; computes the summary and dense
-losses per teacher, logs each of them, and reports per-teacher cosine similarity on validation.
-Teacher weights are not stored in checkpoints (they are reloaded from their own files).
+Wires frozen teachers to the student (distill/model.py StudentModel: backbone + one adaptor head per
+teacher, added here); computes the summary and dense losses per teacher, logs each of them, and reports
+per-teacher cosine similarity on validation. `teacher_targets` is the one place teacher features of a batch
+are produced. Teacher weights are not stored in checkpoints (they are reloaded from their own files).
 With `dense_loss: mse` the teachers' dense features are standardized by fixed per-channel statistics
-measured on `calibration_batches` training batches when training starts (summed over all ranks),
-kept in the checkpoint and written to the export.
+(owned by each adaptor head) measured on `calibration_batches` training batches when training starts
+(summed over all ranks), kept in the checkpoint and written to the export.
 """
 
 from __future__ import annotations
@@ -17,21 +18,22 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from distill import losses
-from distill.feature_norm import build_normalizer
-from distill.heads import AdaptorHead
+from distill.encoders.base import EncoderOutput
+from distill.feature_norm import NORMALIZERS
+from distill.model import StudentModel
 from distill.schedule import warmup_cosine
-from distill.student import StudentViT
 from distill.teacher import Teacher
 
 DENSE_LOSSES = ("cosine_smooth_l1", "mse")
-DENSE_NORMALIZER = "channel_standardizer"  # the normalizer of the mse loss (feature_norm.NORMALIZERS)
+LOSS_BALANCES = ("fixed", "normalized")
 
 
 class DistillModule(L.LightningModule):
     """Distill several frozen teachers into one student.
 
     Args:
-        student: the student ViT; its ``summary_names`` must list the teachers that have a summary, in order.
+        student: the student model (backbone only; the adaptor heads are added here, one per teacher); its
+            ``summary_names`` must list the teachers that have a summary, in order.
         teachers: the frozen teachers with their loss weights.
         dense_loss: ``cosine_smooth_l1`` (a*cos + b*smooth-L1) or ``mse`` (MSE against teacher features
             standardized per channel with fixed statistics measured on ``calibration_batches`` batches).
@@ -44,11 +46,21 @@ class DistillModule(L.LightningModule):
         min_lr_ratio: final LR as a fraction of the peak LR at the end of the cosine decay.
         calibration_batches: with ``mse``, training batches (per rank) whose teacher features fix the
             standardization statistics before the first step; ignored by ``cosine_smooth_l1``.
+        dense_normalizer: with ``mse``, the fixed map of the dense targets (distill/feature_norm.py):
+            ``channel_standardizer`` (per-channel mean / std) or ``phi_s`` (PHI-S, RADIOv2.5: PCA rotation +
+            Hadamard + one scale, every channel unit variance, invertible); exported with the adaptors.
+        teacher_drop_prob: probability that a teacher is left out of a training step (each teacher
+            independently, at least one always kept; UNIC / Theia-style teacher dropping). Dropped teachers
+            are not run at all that step; with DDP use ``strategy: ddp_find_unused_parameters_true``.
+        loss_balance: ``fixed`` (total = sum of weight * loss, as configured per teacher) or ``normalized``
+            (every loss part is divided by a running mean of its own detached value, so each contributes
+            ~weight whatever its scale; AdaLoss-style balancing that AM-RADIO discusses).
+        loss_balance_momentum: the running mean's momentum (``normalized`` only): m * mean + (1 - m) * loss.
     """
 
     def __init__(
         self,
-        student: StudentViT,
+        student: StudentModel,
         teachers: list[Teacher],
         dense_loss: str = "cosine_smooth_l1",
         dense_cosine_weight: float = 0.9,
@@ -59,6 +71,10 @@ class DistillModule(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.01,
         calibration_batches: int = 16,
+        dense_normalizer: str = "channel_standardizer",
+        teacher_drop_prob: float = 0.0,
+        loss_balance: str = "fixed",
+        loss_balance_momentum: float = 0.99,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teachers", "optimizer"])
@@ -69,6 +85,14 @@ class DistillModule(L.LightningModule):
             raise ValueError(f"teachers need unique names and at least one teacher; got {names}")
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        if dense_normalizer not in NORMALIZERS:
+            raise ValueError(f"dense_normalizer must be one of {sorted(NORMALIZERS)}, got {dense_normalizer!r}")
+        if not 0.0 <= teacher_drop_prob < 1.0:
+            raise ValueError(f"teacher_drop_prob must be in [0, 1), got {teacher_drop_prob}")
+        if loss_balance not in LOSS_BALANCES:
+            raise ValueError(f"loss_balance must be one of {LOSS_BALANCES}, got {loss_balance!r}")
+        if not 0.0 <= loss_balance_momentum < 1.0:
+            raise ValueError(f"loss_balance_momentum must be in [0, 1), got {loss_balance_momentum}")
         for t in teachers:
             _check_full_view(t)
         with_summary = [t.name for t in teachers if t.has_summary]
@@ -79,35 +103,72 @@ class DistillModule(L.LightningModule):
             )
         self.student = student
         self.teachers = nn.ModuleList(teachers)
-        self.heads = nn.ModuleDict(
-            {
-                t.name: AdaptorHead(
-                    student.embed_dim, t.encoder.summary_dim, t.encoder.dense_dim, adaptor_hidden_dim, adaptor_layers
-                )
-                for t in teachers
-            }
-        )
-        # mse only: fixed per-teacher normalizers of the dense targets (fitted by `calibrate`)
-        self.dense_norm = nn.ModuleDict(
-            {t.name: build_normalizer(DENSE_NORMALIZER, t.encoder.dense_dim) for t in teachers} if dense_loss == "mse" else {}
-        )
+        # mse only: each head owns the fixed normalizer of its dense targets (fitted by `calibrate`)
+        normalizer = dense_normalizer if dense_loss == "mse" else None
+        for t in teachers:
+            student.add_adaptor(
+                t.name, t.encoder.summary_dim, t.encoder.dense_dim, adaptor_hidden_dim, adaptor_layers, normalizer
+            )
         self.dense_loss = dense_loss
         self.optimizer_factory = optimizer
+        if loss_balance == "normalized":  # running mean of every loss part [teacher, (summary, dense)]; 0 = unset
+            self.register_buffer("loss_mean", torch.zeros(len(teachers), 2, dtype=torch.float64))
+
+    @property
+    def dense_norm(self) -> nn.ModuleDict:
+        """{teacher: fixed dense normalizer} with dense_loss=mse, else empty (a view: the heads own them)."""
+        return nn.ModuleDict({name: head.norm for name, head in self.student.heads.items() if head.norm is not None})
+
+    def teacher_targets(self, images: torch.Tensor, names: list[str] | None = None) -> dict[str, EncoderOutput]:
+        """{teacher name: its features (summary, dense) of `images` in [0, 1]}: the distillation targets
+        (of the teachers in `names`; None: all)."""
+        return {t.name: t.targets(images) for t in self.teachers if names is None or t.name in names}
+
+    def active_teachers(self, stage: str) -> list[str]:
+        """The teachers of this step: all, or in training with teacher_drop_prob > 0 each dropped independently
+        with that probability (torch's global RNG), at least one kept."""
+        names = [t.name for t in self.teachers]
+        p = self.hparams.get("teacher_drop_prob", 0.0)
+        if stage != "train" or p == 0:
+            return names
+        keep = torch.rand(len(names)) >= p
+        if not keep.any():
+            keep[torch.randint(len(names), ())] = True
+        return [name for name, k in zip(names, keep.tolist()) if k]
+
+    def balanced(self, index: int, part: int, loss: torch.Tensor, stage: str) -> torch.Tensor:
+        """loss_balance=normalized: loss / running mean of its detached value (updated in training; the first
+        value starts the mean); fixed: the loss itself."""
+        if self.hparams.get("loss_balance", "fixed") == "fixed":
+            return loss
+        mean = self.loss_mean[index, part]
+        value = loss.detach().double()
+        if stage == "train":
+            m = self.hparams.loss_balance_momentum
+            mean = torch.where(mean > 0, m * mean + (1 - m) * value, value)
+            self.loss_mean[index, part] = mean
+        elif mean <= 0:
+            mean = value
+        return loss / mean.clamp_min(1e-12).to(loss.dtype)
 
     def teacher_losses(self, images: torch.Tensor, stage: str) -> torch.Tensor:
         """Total weighted loss over teachers; logs every part per teacher (and cosines on validation)."""
-        out = self.student(images)
+        names = self.active_teachers(stage)
+        out = self.student(images, adaptors=names)
+        targets = self.teacher_targets(images, names)
         total = images.new_zeros(())
-        for teacher in self.teachers:
-            target = teacher.targets(images)
-            pred_summary, pred_dense = self.heads[teacher.name](out.summary.get(teacher.name), out.dense)
+        for index, teacher in enumerate(self.teachers):
+            if teacher.name not in targets:
+                continue  # dropped this step
+            target = targets[teacher.name]
+            pred_summary, pred_dense = out.adaptors[teacher.name].summary, out.adaptors[teacher.name].dense
             pred_dense = losses.resize_to_grid(pred_dense, target.dense.shape[-2:])
             logs = {}
             if teacher.has_summary:
                 logs["summary_loss"] = losses.summary_cosine(pred_summary, target.summary)
-                total = total + teacher.summary_weight * logs["summary_loss"]
+                total = total + teacher.summary_weight * self.balanced(index, 0, logs["summary_loss"], stage)
             logs["dense_loss"] = self._dense_loss(teacher.name, pred_dense, target.dense, stage)
-            total = total + teacher.dense_weight * logs["dense_loss"]
+            total = total + teacher.dense_weight * self.balanced(index, 1, logs["dense_loss"], stage)
             if stage == "val":
                 if teacher.has_summary:
                     logs["summary_cos"] = losses.cosine_similarity(pred_summary, target.summary, dim=-1).mean()
@@ -132,9 +193,7 @@ class DistillModule(L.LightningModule):
 
     def to_teacher_space(self, name: str, pred_dense: torch.Tensor) -> torch.Tensor:
         """Undo the standardization of the MSE loss so predictions compare with raw teacher features."""
-        if self.dense_loss != "mse":
-            return pred_dense
-        return self.dense_norm[name].inverse(pred_dense)
+        return self.student.heads[name].to_teacher_space(pred_dense)
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:
@@ -142,16 +201,18 @@ class DistillModule(L.LightningModule):
         attached, the statistics are summed over all ranks first so every rank fits identical values."""
         if not self.dense_norm:
             return  # cosine_smooth_l1 has nothing to calibrate
-        sums = {name: None for name in self.dense_norm}
+        norms = self.dense_norm
+        sums = {name: None for name in norms}
         for images in batches:
             images = images.to(self.device)
             if images.numel() == 0:
                 continue
+            targets = self.teacher_targets(images)
             for teacher in self.teachers:
-                batch_sums = self.dense_norm[teacher.name].statistics(teacher.targets(images).dense)
+                batch_sums = norms[teacher.name].statistics(targets[teacher.name].dense)
                 sums[teacher.name] = batch_sums if sums[teacher.name] is None else sums[teacher.name] + batch_sums
         for teacher in self.teachers:
-            norm, total = self.dense_norm[teacher.name], sums[teacher.name]
+            norm, total = norms[teacher.name], sums[teacher.name]
             if total is None:  # no images here: still join the reduce so other ranks do not wait forever
                 total = norm.statistics(torch.zeros(1, teacher.encoder.dense_dim, 1, 1, device=self.device)) * 0
             if self._trainer is not None:
@@ -197,20 +258,11 @@ class DistillModule(L.LightningModule):
 
     def export_metadata(self) -> dict:
         """Everything `distill export` needs to rebuild the student and heads without the teachers."""
-        s = self.student
         return {
-            "student": {
-                "model_name": s.model_name,
-                "model_args": s.model_args,
-                "summary_names": s.summary_names,
-                "num_registers": s.num_registers,
-                "mean": s.mean.flatten().tolist(),
-                "std": s.std.flatten().tolist(),
-                "img_size": s.img_size,
-            },
-            "heads": {name: head.config for name, head in self.heads.items()},
+            "student": self.student.config(),
+            "heads": self.student.adaptors_config(),
             "dense_loss": self.dense_loss,
-            "dense_norm": DENSE_NORMALIZER if self.dense_norm else None,
+            "dense_norm": self.hparams.get("dense_normalizer", "channel_standardizer") if self.dense_norm else None,
             "teachers": {
                 t.name: {"summary_dim": t.encoder.summary_dim, "dense_dim": t.encoder.dense_dim,
                          "input_size": list(t.encoder.input_size)}
@@ -227,9 +279,22 @@ class DistillModule(L.LightningModule):
         # Put the current teacher weights back so strict loading still checks the student and heads.
         for key, value in self.teachers.state_dict().items():
             checkpoint["state_dict"].setdefault(f"teachers.{key}", value)
-        # Checkpoints from before the fixed statistics held running EMA ones ('stats.*'); an mse run recalibrates.
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("stats.")]:
-            del checkpoint["state_dict"][key]
+        upgrade_state_dict(checkpoint["state_dict"])
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """Bring an older DistillModule state dict (in place) to the current layout: heads moved from 'heads.<t>.*'
+    to 'student.heads.<t>.*', normalizers from 'dense_norm.<t>.*' to 'student.heads.<t>.norm.*'; the running
+    EMA statistics of even older checkpoints ('stats.*') are dropped (an mse run recalibrates)."""
+    for key in list(state):
+        if key.startswith("heads."):
+            state["student." + key] = state.pop(key)
+        elif key.startswith("dense_norm."):
+            teacher, rest = key.removeprefix("dense_norm.").split(".", 1)
+            state[f"student.heads.{teacher}.norm.{rest}"] = state.pop(key)
+        elif key.startswith("stats."):
+            del state[key]
+    return state
 
 
 def _check_full_view(teacher: Teacher) -> None:

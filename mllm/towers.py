@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.encoders.base import Encoder
+from distill.exported import StudentEncoder
 
 
 def resample_grid(dense: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -161,7 +162,8 @@ class EnsembleTower(VisionTower):
 
 
 class StudentTower(SingleEncoderTower):
-    """The distilled student (a `python -m distill export` folder) as a single-encoder tower.
+    """The distilled student (a `python -m distill export` folder, loaded as distill.model.StudentModel by
+    distill.exported.StudentEncoder) as a single-encoder tower.
 
     Args:
         path: the export folder.
@@ -183,6 +185,4 @@ class StudentTower(SingleEncoderTower):
         trainable: bool = False,
         image_size: int | None = None,
     ) -> None:
-        from distill.exported import StudentEncoder  # lazy: only student towers need the export loader
-
         super().__init__(StudentEncoder(path, layer=layer, adaptors=adaptors, image_size=image_size), keep_cls, grid, trainable)

@@ -8,8 +8,8 @@ import torch
 
 from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
 from distill.encoders import resize as R
+from distill.model import StudentModel
 from distill.module import DistillModule
-from distill.student import StudentViT
 from distill.teacher import Teacher
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
@@ -21,7 +21,7 @@ def make_module(files, dense_loss="cosine_smooth_l1", dino_crop_pct=1.0, **kwarg
         Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=dino_crop_pct)),
         Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
     ]
-    student = StudentViT("vit_small_patch16_224", ["clip", "dino"], num_registers=2, img_size=32, model_args=STUDENT_ARGS)
+    student = StudentModel("vit_small_patch16_224", ["clip", "dino"], num_registers=2, img_size=32, model_args=STUDENT_ARGS)
     return DistillModule(student, teachers, dense_loss=dense_loss, adaptor_hidden_dim=32, **kwargs)
 
 
@@ -40,10 +40,10 @@ def test_no_weight_decay_on_pos_embed_tokens_norms_biases(tiny_teacher_files):
     for name in ("pos_embed", "cls_token", "reg_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight",
                  "blocks.0.attn.qkv.bias", "patch_embed.proj.bias"):
         assert names[f"student.model.{name}"] == 0.0, name
-    assert names["heads.clip.dense.net.1.weight"] == 0.0  # adaptor LayerNorm
-    assert names["heads.clip.dense.net.0.bias"] == 0.0
+    assert names["student.heads.clip.dense.net.1.weight"] == 0.0  # adaptor LayerNorm
+    assert names["student.heads.clip.dense.net.0.bias"] == 0.0
     for name in ("student.model.patch_embed.proj.weight", "student.model.blocks.0.attn.qkv.weight",
-                 "student.model.blocks.1.mlp.fc2.weight", "heads.clip.dense.net.0.weight", "heads.sam.dense.net.3.weight"):
+                 "student.model.blocks.1.mlp.fc2.weight", "student.heads.clip.dense.net.0.weight", "student.heads.sam.dense.net.3.weight"):
         assert names[name] == 0.05, name  # the optimizer's configured weight decay
 
 

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
+from distill.model import StudentModel
 from distill.module import DistillModule
-from distill.student import StudentViT
 from distill.teacher import Teacher
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
@@ -22,7 +22,7 @@ def make_module(files, dense_loss="cosine_smooth_l1") -> DistillModule:
         Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=1.0)),
         Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
     ]
-    student = StudentViT("vit_small_patch16_224", ["clip", "dino"], num_registers=2, img_size=32, model_args=STUDENT_ARGS)
+    student = StudentModel("vit_small_patch16_224", ["clip", "dino"], num_registers=2, img_size=32, model_args=STUDENT_ARGS)
     return DistillModule(student, teachers, dense_loss=dense_loss, adaptor_hidden_dim=64)
 
 
@@ -51,7 +51,7 @@ def test_steps_lower_loss_on_fixed_batch(tiny_teacher_files, dense_loss):
 
 def test_summary_names_must_match_teachers(tiny_teacher_files):
     teachers = [Teacher("sam", SamEncoder("tiny", str(tiny_teacher_files["sam"])))]
-    student = StudentViT("vit_small_patch16_224", ["clip"], img_size=32, model_args=STUDENT_ARGS)
+    student = StudentModel("vit_small_patch16_224", ["clip"], img_size=32, model_args=STUDENT_ARGS)
     with pytest.raises(ValueError, match=r"summary_names: \[\]"):
         DistillModule(student, teachers)
 
@@ -67,7 +67,7 @@ def write_config(tmp_path: Path, files, max_steps: int, dense_loss: str = "cosin
                            "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": 2}}],
         },
         "model": {
-            "student": {"class_path": "distill.student.StudentViT", "init_args": {
+            "student": {"class_path": "distill.model.StudentModel", "init_args": {
                 "model_name": "vit_small_patch16_224", "summary_names": ["clip", "dino"], "num_registers": 2,
                 "img_size": 32, "model_args": STUDENT_ARGS}},
             "teachers": [
@@ -136,10 +136,10 @@ def test_cli_fit_resume_and_export(fitted_run):
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         expected = student(images)
-        tokens = model.forward_features((images - student.mean) / student.std)
-    got = student.split_tokens(tokens, (32, 32))
-    torch.testing.assert_close(got.dense, expected.dense)
-    torch.testing.assert_close(got.summary["dino"], expected.summary["dino"])
+        tokens = model.forward_features(student.conditioner(images))
+    summary, dense = student.split_tokens(tokens, (32, 32))
+    torch.testing.assert_close(dense, expected.dense)
+    torch.testing.assert_close(summary["dino"], expected.summary["dino"])
 
     # The adaptors reproduce the trained heads' outputs in the teacher's space.
     from distill.exported import StudentEncoder
@@ -147,7 +147,7 @@ def test_cli_fit_resume_and_export(fitted_run):
     enc = StudentEncoder(str(out), adaptors=["clip"]).eval()
     with torch.no_grad():
         pred = enc(images)
-        ref_summary, ref_dense = cli2.model.heads["clip"].eval()(expected.summary["clip"], expected.dense)
+        ref_summary, ref_dense = student.heads["clip"](expected.summary["clip"], expected.dense)
         ref_dense = cli2.model.to_teacher_space("clip", ref_dense)
     torch.testing.assert_close(pred.dense, ref_dense)
     torch.testing.assert_close(pred.summary, ref_summary)
@@ -162,7 +162,7 @@ def test_mse_statistics_calibrated_once_kept_and_exported(fitted_run):
 
     state4, module, out = fitted_run["state4"], fitted_run["cli2"].model, fitted_run["export"]
     if fitted_run["dense_loss"] != "mse":
-        assert not any(k.startswith(("dense_norm.", "stats.")) for k in state4)
+        assert not any(k.startswith(("student.heads.", "dense_norm.", "stats.")) and ".norm." in k for k in state4)
         assert json.loads((out / "adaptors.json").read_text())["dense_norm"] is None
         return
     exported = load_file(str(out / "adaptors.safetensors"))
@@ -173,11 +173,11 @@ def test_mse_statistics_calibrated_once_kept_and_exported(fitted_run):
         assert norm.count.item() == CALIBRATION_BATCHES * BATCH * grid * grid
         assert not torch.equal(norm.std, torch.ones_like(norm.std))
         for key in ("mean", "std", "count"):
-            saved = state4[f"dense_norm.{teacher.name}.{key}"]
+            saved = state4[f"student.heads.{teacher.name}.norm.{key}"]
             assert torch.equal(saved, getattr(norm, key)), (teacher.name, key)  # unchanged by steps 5-6 / resume
-            assert torch.equal(exported[f"dense_norm.{teacher.name}.{key}"], saved)
+            assert torch.equal(exported[f"{teacher.name}.norm.{key}"], saved)
     enc = StudentEncoder(str(out), adaptors=["dino"]).eval()
-    assert torch.equal(enc.dense_norm["dino"].std, module.dense_norm["dino"].std)
+    assert torch.equal(enc.student.heads["dino"].norm.std, module.dense_norm["dino"].std)
 
 
 def test_export_rejects_missing_checkpoint(tmp_path):
@@ -193,7 +193,7 @@ def test_export_loads_in_timm_and_transformers(fitted_run, loader):
     student's tokens (before the fix transformers raised 'got multiple values for keyword argument num_classes')."""
     out, student = fitted_run["export"], fitted_run["cli2"].model.student.eval()
     images = torch.rand(2, 3, 48, 32)  # not the export's img_size: dynamic size must survive the round trip
-    pixels = (images - student.mean) / student.std
+    pixels = student.conditioner(images)
     if loader == "timm":
         model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
         forward = model.forward_features

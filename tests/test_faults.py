@@ -492,7 +492,7 @@ def test_distill_cli_fit_on_damaged_shards(tmp_path, shards, tiny_teacher_files,
                     "log_every_n_steps": 1, "default_root_dir": str(tmp_path / "run"), "enable_checkpointing": False,
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}},
         "model": {
-            "student": {"class_path": "distill.student.StudentViT", "init_args": {
+            "student": {"class_path": "distill.model.StudentModel", "init_args": {
                 "model_name": "vit_small_patch16_224", "summary_names": ["dino"], "num_registers": 0, "img_size": 16,
                 "model_args": {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 1}}},
             "teachers": [teacher("dino", "distill.encoders.TimmEncoder", {"model_name": f"local-dir:{files['dino']}", "crop_pct": 1.0})],

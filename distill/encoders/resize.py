@@ -1,62 +1,66 @@
-"""Tensor versions of the torchvision eval transforms the teacher libraries use (resize, center crop).
+"""Batched eval transforms on [B, C, H, W] tensors in [0, 1]: torchvision.transforms.v2.functional plus the
+one thing it lacks.
 
-torch's `interpolate(..., antialias=True)` approximates PIL resampling; sizes follow torchvision exactly:
+torchvision resizes float tensors with torch's antialiased interpolation (an approximation of PIL), sizes
+and crop offsets exactly as its PIL pipeline does (short side, long side truncated; centre-crop offsets
+rounded). What it does not do for float tensors is PIL's clamp of bicubic overshoot (PIL writes uint8),
+so `resize` clips bicubic output to [0, 1] (tests/test_resize.py compares with timm's and open_clip's
+own PIL transforms).
 
-    resize_shortest(images, 224, "bicubic")   # torchvision Resize(224): short side 224, long side int(...)
-    center_crop(images, (224, 224))           # torchvision CenterCrop
+    resize(images, (224, 224), "bicubic")     # squash to a size
+    resize_shortest(images, 224, "bicubic")   # torchvision Resize(224): short side 224
+    center_crop(images, (224, 224))           # torchvision CenterCrop (refuses to pad)
+    normalize(images, mean, std)              # (images - mean) / std per channel; THE input normalization
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
-_TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "area": "area"}
-
-
-def interpolation_mode(name: str) -> str:
-    """torch interpolate mode for a library interpolation name ('bicubic', 'bilinear', ...)."""
-    if name not in _TORCH_MODES:
-        # timm/open_clip 'random' and 'lanczos' have no torch equivalent; bicubic is their eval fallback
-        return "bicubic"
-    return _TORCH_MODES[name]
+_MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
 
 
-def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """Resize [B, C, H, W] to `size` (h, w), antialiased like PIL; identity when already that size."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision mode for a library interpolation name; timm/open_clip 'random', 'lanczos', 'box', ... fall
+    back to bicubic (their eval default)."""
+    return _MODES.get(name, InterpolationMode.BICUBIC)
+
+
+def _resize(images: torch.Tensor, size: list[int], interpolation: str) -> torch.Tensor:
     mode = interpolation_mode(interpolation)
-    antialias = mode in ("bilinear", "bicubic")
-    resized = F.interpolate(images, size=tuple(size), mode=mode, align_corners=False if antialias else None, antialias=antialias)
-    return resized.clamp(0.0, 1.0) if mode == "bicubic" else resized  # PIL clips bicubic overshoot
+    resized = TF.resize(images, size, interpolation=mode, antialias=True)
+    if resized is images or mode != InterpolationMode.BICUBIC:
+        return resized
+    return resized.clamp(0.0, 1.0)  # PIL clips bicubic overshoot (its output is uint8)
 
 
-def shortest_side_size(height: int, width: int, shortest: int) -> tuple[int, int]:
-    """(h, w) after torchvision Resize(int): short side = `shortest`, long side scaled and truncated."""
-    if height <= width:
-        return shortest, int(shortest * width / height)
-    return int(shortest * height / width), shortest
+def resize(images: torch.Tensor, size: Sequence[int], interpolation: str) -> torch.Tensor:
+    """Resize [B, C, H, W] to `size` (h, w), antialiased like PIL; identity when already that size."""
+    return _resize(images, [int(size[0]), int(size[1])], interpolation)
 
 
 def resize_shortest(images: torch.Tensor, shortest: int, interpolation: str) -> torch.Tensor:
-    """torchvision Resize(shortest) on a batch."""
-    return resize(images, shortest_side_size(*images.shape[-2:], shortest), interpolation)
+    """torchvision Resize(shortest) on a batch: short side = `shortest`, long side scaled and truncated."""
+    return _resize(images, [int(shortest)], interpolation)
 
 
-def center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """torchvision CenterCrop(size) on a batch (images must be at least `size`)."""
+def center_crop(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """torchvision CenterCrop(size) on a batch; images smaller than `size` are an error (torchvision would pad)."""
     height, width = images.shape[-2:]
-    crop_h, crop_w = size
-    if crop_h > height or crop_w > width:
-        raise ValueError(f"center_crop: cannot crop {(crop_h, crop_w)} from images of size {(height, width)}.")
-    top = int(round((height - crop_h) / 2.0))
-    left = int(round((width - crop_w) / 2.0))
-    return images[..., top : top + crop_h, left : left + crop_w]
+    if size[0] > height or size[1] > width:
+        raise ValueError(f"center_crop: cannot crop {tuple(size)} from images of size {(height, width)}.")
+    return TF.center_crop(images, [int(size[0]), int(size[1])])
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """(images - mean) / std per channel; mean/std are 3-sequences."""
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
+def resize_center_crop(images: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Short side to `size`, then the central size x size square (the eval transform of CLIP-style models)."""
+    return center_crop(resize_shortest(images, size, interpolation), (size, size))
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(images - mean) / std per channel; mean/std are 3-sequences (floats or a tensor)."""
+    return TF.normalize(images, mean=[float(m) for m in mean], std=[float(s) for s in std])

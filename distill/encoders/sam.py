@@ -24,6 +24,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from distill.encoders.base import Encoder, EncoderOutput
 from distill.encoders.paths import describe_key_mismatch, load_state_dict, resolve_path
+from distill.encoders.resize import normalize
 
 
 def _build_tiny_sam() -> Sam:
@@ -137,7 +138,7 @@ class SamEncoder(Encoder):
         pixels = images * 255.0
         if (height, width) != tuple(images.shape[-2:]):
             pixels = F.interpolate(pixels, (height, width), mode="bilinear", align_corners=False, antialias=True)
-        pixels = (pixels - self.pixel_mean) / self.pixel_std
+        pixels = normalize(pixels, self.pixel_mean.flatten(), self.pixel_std.flatten())
         return F.pad(pixels, (0, self.image_size - width, 0, self.image_size - height))
 
     def encode(self, pixels: torch.Tensor) -> EncoderOutput:

@@ -23,12 +23,13 @@ import timm
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from distill.encoders.resize import normalize
 from distill.toy.train_clip import build_clip, normalize_clip
 from distill.toy.train_dino import build_dino_vit
 from distill.toy.train_sam import mask_iou, point_prompts, predict_masks, sam_pixels
 from distill.toy.world import COLORS, HELDOUT_SEED, SHAPES, TEXTURES, TRAIN_SEED, sample_pool
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 @torch.inference_mode()
@@ -47,9 +48,7 @@ def clip_zero_shot(model: open_clip.CLIP, tokenizer, num_images: int = 500) -> d
 @torch.inference_mode()
 def _cls_features(backbone: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    pixels = (pixels - mean) / std
+    pixels = normalize(pixels, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     feats = torch.cat([backbone.forward_features(chunk)[:, 0] for chunk in pixels.split(256)])
     return F.normalize(feats, dim=-1)
 

@@ -21,6 +21,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from distill.encoders.resize import normalize
 from distill.io import atomic_write
 from distill.toy.training import optimizer_step, toy_schedule
 from distill.toy.world import TRAIN_SEED, sample_pool
@@ -50,9 +51,7 @@ def build_clip(model_cfg: dict | None = None) -> open_clip.CLIP:
 def normalize_clip(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> normalized float [B, 3, H, W] as open_clip's preprocess produces at 64 px."""
     pixels = images_uint8.permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    return normalize(pixels, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
 
 
 def tokenize(texts: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
