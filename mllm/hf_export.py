@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from distill.io import write_dir
+from distill.state_dicts import key_differences
 from mllm.conversation import IMAGE_PLACEHOLDER, resolve_chat_template
 from mllm.model import LlavaModel
 from mllm.towers import EnsembleTower, SingleEncoderTower, StudentTower, VisionTower
@@ -131,10 +132,7 @@ def _load(hf_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy `state` into the freshly built Llava; every weight must be covered (tied lm_head aside)."""
     own = hf_model.state_dict()
     tied = {"lm_head.weight"} if hf_model.config.tie_word_embeddings else set()
-    missing = [k for k in own if k not in state and k not in tied]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing, unexpected, wrong = key_differences(own, state, ignore=tied)
     if missing or unexpected or wrong:
         raise ExportError(f"internal mapping error: transformers' Llava lacks {unexpected[:5]}, needs {missing[:5]}, "
                           f"has other shapes {wrong[:5]}; the installed transformers names its weights differently.")

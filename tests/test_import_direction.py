@@ -192,7 +192,6 @@ print(" ".join(loaded))
 @pytest.mark.parametrize("layer, forbidden", [
     ("common", ["distill.encoders", "distill.toy", "mllm"]),
     ("encoders", ["distill.toy", "mllm"]),
-    ("toy", ["mllm"]),
     ("distill", ["mllm"]),
 ])
 def test_importing_a_layer_loads_nothing_above_it(layer, forbidden):
