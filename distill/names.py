@@ -26,7 +26,6 @@ LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
 TOY_PREFIX = "toy:"
 PROVIDERS: dict[str, str] = {"toy": "distill.toy.cache:toy_path"}
-_loaded: dict[str, Callable[[str], Path]] = {}
 
 
 def split_scheme(name: str) -> tuple[str | None, str]:
@@ -38,11 +37,9 @@ def split_scheme(name: str) -> tuple[str | None, str]:
 
 
 def provider(scheme: str) -> Callable[[str], Path]:
-    """The function that resolves `scheme:` names (imported from PROVIDERS on first use)."""
-    if scheme not in _loaded:
-        module, _, function = PROVIDERS[scheme].partition(":")
-        _loaded[scheme] = getattr(importlib.import_module(module), function)
-    return _loaded[scheme]
+    """The function that resolves `scheme:` names, looked up in PROVIDERS (its module is imported on first use)."""
+    module, _, function = PROVIDERS[scheme].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def resolve_path(spec: str | None) -> str | None:

@@ -47,7 +47,6 @@ def test_resolver_uses_the_provider_table(monkeypatch, tmp_path):
     fake = type(os)("tests_fake_provider")
     fake.resolve = lambda name: calls.append(name) or tmp_path / name
     monkeypatch.setitem(__import__("sys").modules, "tests_fake_provider", fake)
-    monkeypatch.setattr(names, "_loaded", {})
     assert names.resolve_path("toy:sam") == str(tmp_path / "sam")
     assert names.resolve_model_name("toy:clip") == "local-dir:" + str(tmp_path / "clip")
     assert calls == ["sam", "clip"]
