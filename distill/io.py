@@ -13,6 +13,7 @@ files (0666 minus the umask, e.g. 0644), not mkstemp's 0600. A killed writer's t
 
     save_safetensors({"w": tensor}, "out/model.safetensors")
     save_json({"architecture": "vit_small_patch16_224"}, "out/config.json")
+    write_dir("out/lm", lambda tmp: model.save_pretrained(tmp))      # a whole folder, swapped in when complete
     state = load_weights("sam_vit_b_01ec64.pth", what="SAM variant 'vit_b'")   # {name: tensor}
 """
 
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -45,6 +47,28 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    return path
+
+
+def write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_folder)` on a new sibling temp folder, then put it in place of `path` (an old folder there
+    is replaced; it is removed only after the new one is complete). Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            old = path.with_name(f".{path.name}.tmp-{os.getpid()}-old.tmp")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
@@ -126,15 +150,10 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
             "(no downloads happen here), or a 'toy:NAME' string for the toy world's teachers."
         )
     if file.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(file))
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{what}: '{path}' is not a readable safetensors file ({error}).") from None
-    import torch
-
     try:
         return torch.load(str(file), map_location="cpu", weights_only=True)  # explicit: env vars cannot override
     except pickle.UnpicklingError as error:
@@ -164,3 +183,18 @@ def load_weights(path: str | Path, what: str = "checkpoint") -> dict[str, torch.
     if not_tensors:
         raise ValueError(f"{what}: '{path}' is not a state dict of tensors (e.g. {not_tensors[:3]} are not tensors).")
     return state
+
+
+def weight_keys(path: str | Path) -> set[str]:
+    """Top-level keys of a weight file without reading its tensors (memory-mapped; a 'state_dict' wrapper is
+    looked into); empty when the file cannot be read this way (legacy or foreign formats)."""
+    try:
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                return set(f.keys())
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # only a hint is lost; readers that need the weights raise their own errors
+        return set()
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return set(state) if isinstance(state, dict) else set()

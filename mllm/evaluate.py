@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.io import load_checkpoint, save_json
+from distill.toy.world import HELDOUT_SEED
 from mllm.data import DataSource, EvalItem, ToySource
 from mllm.generate import generate_answers
 from mllm.loading import load_tokenizer
@@ -101,7 +102,7 @@ def evaluate_checkpoint(
     settings = resolve_data_settings(saved, hp.chat_template, image_size=image_size, pad_to_square=pad_to_square,
                                      pad_color=pad_color, chat_template=chat_template, system_prompt=system_prompt)
     if source is None:
-        source = ToySource(seed=1000, num_images=num_images, stage="finetune", image_size=settings["image_size"])
+        source = ToySource(seed=HELDOUT_SEED, num_images=num_images, stage="finetune", image_size=settings["image_size"])
     result = evaluate_model(module.model, load_tokenizer(hp.lm), source.eval_items(limit), settings["image_size"],
                             max_new_tokens, batch_size, settings["chat_template"], settings["system_prompt"],
                             settings["pad_to_square"], settings["pad_color"])

@@ -28,8 +28,6 @@ are pre-norm), open_clip ViTs with layer scale / attention pooling / no ln_pre, 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.io import write_dir
+from distill.state_dicts import key_differences
 from mllm.conversation import IMAGE_PLACEHOLDER, resolve_chat_template
 from mllm.model import LlavaModel
 from mllm.towers import EnsembleTower, SingleEncoderTower, StudentTower, VisionTower
@@ -132,10 +132,7 @@ def _load(hf_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy `state` into the freshly built Llava; every weight must be covered (tied lm_head aside)."""
     own = hf_model.state_dict()
     tied = {"lm_head.weight"} if hf_model.config.tie_word_embeddings else set()
-    missing = [k for k in own if k not in state and k not in tied]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing, unexpected, wrong = key_differences(own, state, ignore=tied)
     if missing or unexpected or wrong:
         raise ExportError(f"internal mapping error: transformers' Llava lacks {unexpected[:5]}, needs {missing[:5]}, "
                           f"has other shapes {wrong[:5]}; the installed transformers names its weights differently.")
@@ -416,20 +413,13 @@ def _processor(tokenizer: Any, vision: dict, num_tokens: int, image_size: int | 
 
 
 def _write(out_dir: str, hf_model: nn.Module, processor: Any) -> Path:
-    """save_pretrained of model and processor into a temp folder renamed to out_dir (replacing an old export)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """save_pretrained of model and processor into a temp folder that replaces out_dir when complete."""
+
+    def write(folder: Path) -> None:
+        hf_model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+
+    return write_dir(out_dir, write)
 
 
 def export_main(argv: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Load the causal LM and its tokenizer from a local folder, a hub name (online only) or "toy:lm".
 
-    path = resolve_lm_path("toy:lm")          # the toy world's LM folder (built by distill.toy.cache)
+    path = resolve_lm_path("toy:lm")          # the toy world's LM folder (resolved by distill.names)
     lm, tokenizer = load_lm("toy:lm"), load_tokenizer("toy:lm")
 """
 
@@ -11,16 +11,13 @@ from pathlib import Path
 
 from torch import nn
 
-TOY_PREFIX = "toy:"
+from distill.io import load_checkpoint
+from distill.names import resolve_path
 
 
 def resolve_lm_path(spec: str) -> str:
     """'toy:NAME' -> the toy cache folder of NAME; anything else (folder or hub name) unchanged."""
-    if spec.startswith(TOY_PREFIX):
-        from distill.toy.cache import toy_path  # lazy: only toy specs need the toy cache
-
-        return str(toy_path(spec[len(TOY_PREFIX):]))
-    return spec
+    return resolve_path(spec)
 
 
 def _check_local_lm(path: str) -> None:
@@ -42,8 +39,6 @@ def load_lm(spec: str) -> nn.Module:
     try:  # transformers reads .bin weights with weights_only=True; name the file and the refusal if it is unsafe
         return AutoModelForCausalLM.from_pretrained(path)
     except pickle.UnpicklingError:
-        from distill.io import load_checkpoint
-
         for weights in sorted(Path(path).glob("*.bin")):
             load_checkpoint(weights, f"LM '{spec}'")
         raise

@@ -11,7 +11,7 @@ torch.set_num_threads(1)  # CI machines have 2 cores; keep test processes from o
 @pytest.fixture(scope="session")
 def tiny_teacher_files(tmp_path_factory) -> dict[str, Path]:
     """{clip: open_clip local-dir, dino: timm local-dir with 4 registers, sam: SAM 'tiny' state-dict .pth}."""
-    from distill.encoders import tiny
+    import tiny_teachers as tiny
 
     root = tmp_path_factory.mktemp("teachers")
     return {

@@ -25,8 +25,9 @@ from segment_anything import SamPredictor
 from timm.data import create_transform, resolve_data_config
 from torchvision.transforms.functional import to_tensor
 
-from distill.encoders import ENCODERS, OpenClipEncoder, SamEncoder, TimmEncoder, build_encoder, build_sam, tiny
-from distill.encoders.paths import resolve_model_name, resolve_path
+import tiny_teachers as tiny
+from distill.encoders import ENCODERS, OpenClipEncoder, SamEncoder, TimmEncoder, build_encoder, build_sam
+from distill.names import resolve_model_name, resolve_path
 
 EXACT_ATOL = 1e-4
 RESAMPLED_MIN_COSINE = 0.999  # measured ~0.99997; a wrong resize geometry (squash) gives 0.44-0.84

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder, build_sam, tiny
+import tiny_teachers as tiny
+from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder, build_sam
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +216,7 @@ def test_timm_local_dir_with_checkpoint_of_other_model(tmp_path):
 def test_lm_folder_with_pickle_payload_is_refused(tmp_path, pickle_bomb):
     from distill.io import UnsafeCheckpointError
     from mllm.loading import load_lm
-    from mllm.tiny import write_tiny_lm
+    from tiny_llava import write_tiny_lm
 
     path, marker = pickle_bomb
     folder = write_tiny_lm(tmp_path / "lm", steps=1)

@@ -26,7 +26,7 @@ from PIL import Image
 from distill.data import DistillDataModule, ImageFolder, ShardImages
 from distill.decode import decode_image, tar_samples
 from distill.skips import DataQualityError, DataSkips, Skipped, SkipTally
-from mllm.tiny import TINY_TEXTS, tiny_image, tiny_qa
+from tiny_llava import TINY_TEXTS, tiny_image, tiny_qa
 
 GRAY16 = round(0.38 * 65535)  # a 16-bit gray level whose true brightness is 0.38
 
@@ -426,8 +426,8 @@ def read_csv_metric(root: Path, name: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> dict:
-    from distill.encoders.tiny import write_timm_dir
-    from mllm.tiny import write_tiny_lm
+    from tiny_teachers import write_timm_dir
+    from tiny_llava import write_tiny_lm
 
     tmp = tmp_path_factory.mktemp("lm")
     return {"lm": str(write_tiny_lm(tmp / "lm", steps=2)), "vit": str(write_timm_dir(tmp / "vit"))}

@@ -213,7 +213,7 @@ def test_transformers_llava_still_cannot_run_a_timm_wrapper_vit(tmp_path):
     import timm
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, TimmWrapperConfig
 
-    from distill.encoders.tiny import write_timm_dir
+    from tiny_teachers import write_timm_dir
 
     vision = TimmWrapperConfig.from_pretrained(str(write_timm_dir(tmp_path / "vit")))
     vision.model_args = {k: v for k, v in (vision.model_args or {}).items() if k != "num_classes"}  # issue 10's bug

@@ -6,11 +6,11 @@ import torch
 import yaml
 
 import mllm.generate
-from distill.encoders.tiny import write_timm_dir
+from tiny_teachers import write_timm_dir
 from mllm.cli import main, make_cli
 from mllm.data import LlavaJsonSource
 from mllm.evaluate import evaluate_checkpoint
-from mllm.tiny import tiny_llava_records, write_llava_json, write_tiny_lm
+from tiny_llava import tiny_llava_records, write_llava_json, write_tiny_lm
 from llava_configs import cli_trainer, timm_tower
 
 

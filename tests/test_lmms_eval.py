@@ -16,7 +16,7 @@ from mllm.conversation import prompt_ids  # noqa: E402
 from mllm.data import LlavaJsonSource, image_to_tensor  # noqa: E402
 from mllm.generate import generate_answers  # noqa: E402
 from mllm.lmms_eval import UnitowerLlava, register  # noqa: E402
-from mllm.tiny import COLORS, tiny_llava_records, write_llava_json, write_tiny_lm  # noqa: E402
+from tiny_llava import COLORS, tiny_llava_records, write_llava_json, write_tiny_lm  # noqa: E402
 from llava_configs import cli_trainer, timm_tower  # noqa: E402
 
 IMAGE_SIZE = 32
@@ -58,7 +58,7 @@ doc_to_text: !function utils.doc_to_text
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A toy LLaVA (tiny timm tower, 2x2 tokens, tiny LM) trained 40 finetune steps by `python -m mllm fit`."""
-    from distill.encoders.tiny import write_timm_dir
+    from tiny_teachers import write_timm_dir
     from mllm.cli import make_cli
 
     tmp = tmp_path_factory.mktemp("lmms")

@@ -10,7 +10,7 @@ import torch
 from distill.toy.lm import build_toy_tokenizer
 from mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mllm.data import LlavaJsonSource, SampleEncoder, ToySource, WebDataSource, collate, load_llava_json
-from mllm.tiny import TINY_TEXTS, tiny_image, tiny_llava_records, write_llava_json
+from tiny_llava import TINY_TEXTS, tiny_image, tiny_llava_records, write_llava_json
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from mllm.data import EvalItem
 from mllm.generate import generate_answers
 from mllm.model import LlavaModel
 from mllm.projector import build_projector
-from mllm.tiny import tiny_image, write_tiny_lm
+from tiny_llava import tiny_image, write_tiny_lm
 from mllm.towers import VisionTower
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
-from distill.encoders.tiny import write_open_clip_dir, write_sam_state_dict, write_timm_dir
+from tiny_teachers import write_open_clip_dir, write_sam_state_dict, write_timm_dir
 from mllm.towers import EnsembleTower, SingleEncoderTower, StudentTower, resample_grid
 
 

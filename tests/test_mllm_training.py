@@ -6,13 +6,13 @@ import torch
 import yaml
 
 from distill.encoders import TimmEncoder
-from distill.encoders.tiny import write_timm_dir
+from tiny_teachers import write_timm_dir
 from mllm.cli import make_cli
 from mllm.data import LlavaJsonSource, SampleEncoder, collate
 from mllm.evaluate import evaluate_checkpoint
 from mllm.loading import load_tokenizer
 from mllm.module import LlavaModule, LoraOptions
-from mllm.tiny import tiny_llava_records, write_llava_json, write_tiny_lm
+from tiny_llava import tiny_llava_records, write_llava_json, write_tiny_lm
 from mllm.towers import SingleEncoderTower
 from llava_configs import cli_trainer, timm_tower
 

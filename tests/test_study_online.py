@@ -5,11 +5,11 @@ import json
 
 import yaml
 
-from distill.encoders.tiny import write_timm_dir
+from tiny_teachers import write_timm_dir
 from llava_configs import timm_tower
 from mllm.study.config import load_study, with_budget
 from mllm.study.runner import run_study
-from mllm.tiny import tiny_llava_records, write_llava_json, write_tiny_lm
+from tiny_llava import tiny_llava_records, write_llava_json, write_tiny_lm
 
 
 def test_online_study_end_to_end(tmp_path, monkeypatch):

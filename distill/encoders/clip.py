@@ -3,6 +3,7 @@
     enc = OpenClipEncoder("ViT-L-14-336", pretrained="openai").freeze()    # tag (online) or file path
     enc = OpenClipEncoder("local-dir:/models/clip")                         # open_clip's local folder format
     enc = OpenClipEncoder("toy:clip")                                       # toy world teacher
+    save_open_clip_dir(model, "/models/clip", model_cfg, preprocess_cfg)   # write that local-dir format
     out = enc(images)  # images [B,3,H,W] in [0,1]; out.summary = encode_image, out.dense [B,width,h,w]
 
 Preprocessing reproduces open_clip's eval transform with tensor ops, reading size / mean / std /
@@ -29,13 +30,10 @@ from open_clip.transformer import QuickGELU
 
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.encoders.paths import (
-    describe_key_mismatch,
-    require_dir,
-    resolve_model_name,
-    resolve_path,
-)
-from distill.io import load_weights
+from distill.encoders.paths import require_dir
+from distill.io import load_weights, save_json, save_safetensors, weight_keys
+from distill.names import resolve_model_name, resolve_path
+from distill.state_dicts import describe_key_mismatch
 
 
 class OpenClipEncoder(Encoder):
@@ -231,7 +229,7 @@ def _openai_weights(identifier: str, pretrained: str, is_file: bool, what: str) 
             "map_location='cpu').state_dict(), 'clip_openai.pt') and pass that file (QuickGELU is then picked "
             "automatically), or pass open_clip's state dict of the weights (e.g. hf timm/vit_large_patch14_clip_336.openai)."
         )
-    if set(OPENAI_JIT_EXTRA_KEYS) <= _state_dict_keys(pretrained):
+    if set(OPENAI_JIT_EXTRA_KEYS) <= weight_keys(pretrained):
         return f"'{pretrained}' (OpenAI TorchScript state-dict layout: {', '.join(OPENAI_JIT_EXTRA_KEYS)})"
     return None
 
@@ -241,22 +239,6 @@ def _is_torchscript_archive(path: str) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
-
-
-def _state_dict_keys(path: str) -> set[str]:
-    """Top-level keys of a weight file without reading its tensors (memory-mapped); empty when unreadable."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                return set(f.keys())
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy (non-zip) or foreign files: only the layout hint is lost
-        return set()
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return set(state) if isinstance(state, dict) else set()
 
 
 def _config_quick_gelu(identifier: str) -> bool:
@@ -281,3 +263,12 @@ def _load_file(model: torch.nn.Module, path: str, what: str) -> None:
     unexpected = [k for k in incompatible.unexpected_keys if k not in OPENAI_JIT_EXTRA_KEYS]
     if incompatible.missing_keys or unexpected:
         raise ValueError(describe_key_mismatch(incompatible.missing_keys, unexpected, path, what))
+
+
+def save_open_clip_dir(model: torch.nn.Module, folder: str | Path, model_cfg: dict, preprocess_cfg: dict) -> Path:
+    """Write an open_clip CLIP in open_clip's local-dir format (open_clip_config.json with model_cfg and
+    preprocess_cfg + open_clip_model.safetensors), atomically per file; load with 'local-dir:' + folder."""
+    folder = Path(folder)
+    save_safetensors(model.state_dict(), folder / "open_clip_model.safetensors")
+    save_json({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, folder / "open_clip_config.json")
+    return folder

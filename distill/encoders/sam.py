@@ -23,8 +23,10 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.encoders.paths import describe_key_mismatch, load_state_dict, resolve_path
 from distill.encoders.resize import normalize
+from distill.io import load_weights
+from distill.names import resolve_path
+from distill.state_dicts import check_state_dict
 
 
 def _build_tiny_sam() -> Sam:
@@ -79,27 +81,12 @@ def build_sam(variant: str, checkpoint: str | None = None) -> Sam:
         raise ValueError(f"Unknown SAM variant '{variant}'. Choose one of {sorted(SAM_VARIANTS)}.")
     checkpoint = resolve_path(checkpoint)
     what = f"SAM variant '{variant}'"
-    state = load_state_dict(checkpoint, what) if checkpoint is not None else None  # fail before building
+    state = load_weights(checkpoint, what) if checkpoint is not None else None  # fail before building
     sam = SAM_VARIANTS[variant]()
     if state is not None:
-        _load_strict(sam, state, checkpoint, what)
+        check_state_dict(sam.state_dict(), state, checkpoint, what)  # names missing / unexpected / misshapen keys
+        sam.load_state_dict(state)
     return sam.eval()
-
-
-def _load_strict(model: torch.nn.Module, state: dict, path: str, what: str) -> None:
-    """load_state_dict(strict) with an error that names missing / unexpected / misshapen keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(describe_key_mismatch(missing, unexpected, path, what))
-    misshapen = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if misshapen:
-        raise ValueError(
-            f"{what}: checkpoint '{path}' has tensors of the wrong shape (checkpoint vs model), e.g. "
-            f"{misshapen[:5]}. Check that the variant matches the checkpoint."
-        )
-    model.load_state_dict(state)
 
 
 class SamEncoder(Encoder):

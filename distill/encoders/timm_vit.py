@@ -23,7 +23,10 @@ from timm.data import resolve_data_config
 
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.encoders.paths import load_state_dict, require_dir, resolve_model_name, resolve_path
+from distill.encoders.paths import require_dir
+from distill.io import load_weights
+from distill.names import resolve_model_name, resolve_path
+from distill.state_dicts import KeyDifferences, key_differences
 
 
 class TimmEncoder(Encoder):
@@ -127,7 +130,7 @@ def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, imag
     if checkpoint is not None:
         # Read by the safe loader, handed to timm as a state dict (timm still applies its checkpoint filter and
         # strict load); source="timm" so a local-dir / hub name's own weights do not take precedence.
-        state = load_state_dict(checkpoint, what)
+        state = load_weights(checkpoint, what)
         kwargs["pretrained_cfg_overlay"] = dict(source="timm", file=None, state_dict=state)
         pretrained = True
     elif source == "local-dir":
@@ -159,14 +162,11 @@ def _weights_in_dir(folder: str) -> str:
     return folder
 
 
-def _key_differences(model_name: str, weights: str, kwargs: dict) -> tuple[list, list, list] | None:
+def _key_differences(model_name: str, weights: str, kwargs: dict) -> KeyDifferences | None:
     """(missing, unexpected, misshapen) keys of the raw file compared with a fresh model; None if unknown."""
     try:
-        state = load_state_dict(weights, "TimmEncoder")
+        state = load_weights(weights, "TimmEncoder")
         expected = timm.create_model(model_name, pretrained=False, **kwargs).state_dict()
     except Exception:  # the hint is best effort; the main error is raised by the caller
         return None
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    return missing, unexpected, misshapen
+    return key_differences(expected, state)

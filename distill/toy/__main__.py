@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+
+from distill.toy.cache import TOY_FILES, ensure_cache
+from distill.toy.shards import export_llava_json, export_shards
+from distill.toy.skills import format_report, skill_report
+from distill.toy.world import HELDOUT_SEED, TRAIN_SEED, ToyWorld
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,15 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     export = commands.add_parser("export", help="write toy samples as webdataset shards and LLaVA JSON")
     export.add_argument("out_dir", help="output folder")
     export.add_argument("--count", type=int, default=1000, help="number of samples")
-    export.add_argument("--seed", type=int, default=0, help="world seed (0 train, 1000 held-out)")
+    export.add_argument("--seed", type=int, default=0, help=f"world seed ({TRAIN_SEED} train, {HELDOUT_SEED} held-out)")
     export.add_argument("--shard-size", type=int, default=500, help="samples per tar shard")
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        import os
-
-        from distill.toy.cache import ensure_cache
-
         if args.profile:
             os.environ["UNITOWER_TOY_PROFILE"] = args.profile
 
@@ -43,17 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"toy cache ready at {folder} ({time.time() - start:.1f} s)")
         print((folder / "manifest.json").read_text())
     elif args.command == "report":
-        from distill.toy.cache import TOY_FILES, ensure_cache
-        from distill.toy.skills import format_report, skill_report
-
         folder = ensure_cache(args.cache)
         report = skill_report({name: folder / TOY_FILES[name] for name in ("clip", "dino", "sam")})
         print(format_report(report))
         print(json.dumps(report, indent=2))
     elif args.command == "export":
-        from distill.toy.shards import export_llava_json, export_shards
-        from distill.toy.world import ToyWorld
-
         world = ToyWorld(seed=args.seed)
         shards = export_shards(world, args.out_dir, args.count, args.shard_size)
         json_file = export_llava_json(world, args.out_dir, args.count)

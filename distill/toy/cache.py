@@ -6,12 +6,13 @@ Layout of a cache directory (default: $UNITOWER_CACHE, else ~/.cache/unitower/to
     dino/            timm local-dir folder        -> timm.create_model('local-dir:' + path, pretrained=True)
     sam.pth          Sam state dict (official fmt) -> distill.encoders.sam.build_sam('tiny', path)
     lm/              Hugging Face folder          -> AutoModelForCausalLM / AutoTokenizer.from_pretrained(path)
-    manifest.json    written LAST (temp file + rename); holds the settings and their hash
+    manifest.json    written LAST; holds the settings and their hash
 
 A cache is used only when its manifest exists, its hash equals the hash of the current settings and
 every listed file exists; otherwise (interrupted build, other settings, missing file) it is rebuilt.
-Builds happen in a sibling temp folder that replaces the cache folder only when complete; a lock file
-keeps two processes from building at once.
+Builds happen in a sibling temp folder that replaces the cache folder only when complete
+(`distill.io.write_dir`); a lock file keeps two processes from building at once. `toy_path` is the
+provider of 'toy:NAME' names in `distill.names`.
 
     from distill.toy.cache import toy_path
     toy_path("clip")        # builds the cache on first use (a few minutes, with progress bars)
@@ -25,12 +26,15 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distill.io import remove_stale_temps
+from distill.io import remove_stale_temps, save_json, write_dir
+from distill.toy.train_clip import train_clip
+from distill.toy.train_dino import train_dino
+from distill.toy.train_sam import train_sam
+from distill.toy.world import TRAIN_SEED, ToyWorld, world_texts
 
 # Bump when the generator or a trainer changes in a way that changes the teachers.
 BUILD_VERSION = 3
@@ -116,14 +120,6 @@ def cache_status(cache_dir: Path, settings: ToySettings) -> str:
 def build_cache(cache_dir: Path, settings: ToySettings, progress: bool = True) -> Path:
     """Train every toy teacher (and the LM) into a temp folder, write the manifest last, then swap it
     into `cache_dir` (replacing whatever was there). Returns `cache_dir`."""
-    from distill.toy.train_clip import train_clip
-    from distill.toy.train_dino import train_dino
-    from distill.toy.train_sam import train_sam
-
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = cache_dir.with_name(f"{cache_dir.name}.building-{os.getpid()}")
-    shutil.rmtree(build_dir, ignore_errors=True)
-    build_dir.mkdir()
     common = dict(seed=settings.seed, progress=progress)
     stages = {
         "clip": lambda out: train_clip(out, steps=settings.clip_steps, num_samples=settings.num_samples, **common),
@@ -133,38 +129,32 @@ def build_cache(cache_dir: Path, settings: ToySettings, progress: bool = True) -
     }
     seconds: dict[str, float] = {}
     start = time.time()
-    for name in settings.names():
-        if progress:
-            print(f"[toy world] building {name} -> {build_dir / TOY_FILES[name]}", flush=True)
-        stage_start = time.time()
-        stages[name](build_dir / TOY_FILES[name])
-        seconds[name] = round(time.time() - stage_start, 1)
-    manifest = {
-        "hash": settings.digest(),
-        "version": BUILD_VERSION,
-        "settings": asdict(settings),
-        "files": {name: TOY_FILES[name] for name in settings.names()},
-        "stage_seconds": seconds,
-        "build_seconds": round(time.time() - start, 1),
-    }
-    tmp = build_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(build_dir / MANIFEST)
-    if cache_dir.exists():
-        old = cache_dir.with_name(f"{cache_dir.name}.old-{os.getpid()}")
-        cache_dir.rename(old)
-        build_dir.rename(cache_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        build_dir.rename(cache_dir)
+
+    def build(build_dir: Path) -> None:
+        for name in settings.names():
+            if progress:
+                print(f"[toy world] building {name} -> {build_dir / TOY_FILES[name]}", flush=True)
+            stage_start = time.time()
+            stages[name](build_dir / TOY_FILES[name])
+            seconds[name] = round(time.time() - stage_start, 1)
+        manifest = {
+            "hash": settings.digest(),
+            "version": BUILD_VERSION,
+            "settings": asdict(settings),
+            "files": {name: TOY_FILES[name] for name in settings.names()},
+            "stage_seconds": seconds,
+            "build_seconds": round(time.time() - start, 1),
+        }
+        save_json(manifest, build_dir / MANIFEST)
+
+    write_dir(cache_dir, build)
     if progress:
-        print(f"[toy world] built {cache_dir} in {manifest['build_seconds']} s {seconds}", flush=True)
+        print(f"[toy world] built {cache_dir} in {round(time.time() - start, 1)} s {seconds}", flush=True)
     return cache_dir
 
 
 def _build_lm(out_dir: Path, settings: ToySettings) -> Path:
-    from distill.toy.lm import build_toy_lm  # another module's concern; imported only when the LM is built
-    from distill.toy.world import TRAIN_SEED, ToyWorld, world_texts
+    from distill.toy.lm import build_toy_lm  # lazy: transformers is heavy and only this stage needs it
 
     texts = world_texts(ToyWorld(seed=TRAIN_SEED), settings.lm_texts)
     kwargs = {} if settings.lm_steps is None else {"steps": settings.lm_steps}

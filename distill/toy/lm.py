@@ -15,17 +15,17 @@ world's captions and question/answer texts. Run directly for a quick check:
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from distill.io import write_dir
+from distill.schedule import warmup_cosine
+from distill.toy.world import ToyWorld
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
@@ -103,10 +103,7 @@ def build_toy_lm(texts: list[str], out_dir: str | Path, steps: int = 300, seed: 
     blocks = _packed_blocks(tokenizer, texts, block=64)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
+    schedule = warmup_cosine(optimizer, max(1, steps // 20), steps, warmup="scale")
     model.train()
     first_loss = last_loss = float("nan")
     for step in range(steps):
@@ -121,26 +118,19 @@ def build_toy_lm(texts: list[str], out_dir: str | Path, steps: int = 300, seed: 
         if step == 0:
             first_loss = last_loss
     model.eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        info = {"steps": steps, "seed": seed, "num_texts": len(texts), "vocab_size": len(tokenizer),
-                "first_loss": first_loss, "final_loss": last_loss, "seconds": round(time.time() - started, 1)}
-        (tmp / "toy_lm.json").write_text(json.dumps(info, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    info = {"steps": steps, "seed": seed, "num_texts": len(texts), "vocab_size": len(tokenizer),
+            "first_loss": first_loss, "final_loss": last_loss, "seconds": round(time.time() - started, 1)}
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "toy_lm.json").write_text(json.dumps(info, indent=2))
+
+    write_dir(out_dir, write)
     return out_dir
 
 
 if __name__ == "__main__":
-    from distill.toy.world import ToyWorld  # lazy: only the demo needs the world
-
     world = ToyWorld(seed=0)
     corpus = []
     for i in range(500):

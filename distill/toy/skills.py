@@ -26,6 +26,7 @@ from segment_anything.modeling import Sam
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from distill.encoders.resize import normalize
+from distill.encoders.sam import build_sam
 from distill.toy.train_clip import build_clip, normalize_clip
 from distill.toy.train_dino import build_dino_vit
 from distill.toy.train_sam import mask_iou, point_prompts, predict_masks, sam_pixels
@@ -93,7 +94,6 @@ def sam_point_miou(sam: Sam, num_images: int = 200) -> dict[str, float]:
 def skill_report(paths: dict[str, Path], seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
     """{teacher: {"untrained": {...}, "trained": {...}}} for the teachers in `paths`
     ('clip' folder, 'dino' folder, 'sam' .pth)."""
-    from distill.encoders.sam import build_sam
 
     torch.manual_seed(seed)
     report: dict[str, dict[str, dict[str, float]]] = {}

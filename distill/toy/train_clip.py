@@ -10,7 +10,6 @@ The tokenizer is open_clip's default SimpleTokenizer (its BPE vocab ships inside
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -18,11 +17,10 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from distill.encoders.clip import save_open_clip_dir
 from distill.encoders.resize import normalize
-from distill.io import atomic_write
 from distill.toy.training import optimizer_step, toy_schedule
 from distill.toy.world import TRAIN_SEED, sample_pool
 
@@ -68,13 +66,7 @@ def clip_loss(model: open_clip.CLIP, pixels: torch.Tensor, tokens: torch.Tensor,
 
 def save_clip(model: open_clip.CLIP, out_dir: str | Path, model_cfg: dict | None = None) -> Path:
     """Write `model` as an open_clip local-dir folder (config JSON + safetensors) and return the folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": model_cfg or CLIP_MODEL_CFG, "preprocess_cfg": CLIP_PREPROCESS_CFG}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write(out / "open_clip_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    return out
+    return save_open_clip_dir(model, out_dir, model_cfg or CLIP_MODEL_CFG, CLIP_PREPROCESS_CFG)
 
 
 def train_clip(

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from distill.schedule import warmup_cosine_factor
+from distill.schedule import warmup_cosine
 
 
 def toy_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over the first tenth of `steps`, capped by a cosine decay that spans all `steps`."""
-    warmup = max(steps // 10, 1)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, warmup_cosine_factor(step, 0, steps))
-    )
+    return warmup_cosine(optimizer, max(steps // 10, 1), steps, warmup="cap")
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,

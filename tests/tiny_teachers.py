@@ -1,6 +1,6 @@
 """Write tiny randomly initialised teacher checkpoints in each library's NATIVE format.
 
-Used by tests and CPU smoke configs; the encoders then load them through the libraries' real loaders.
+Test fixtures (not part of the package): the encoders load them through the libraries' real loaders.
 
     write_open_clip_dir(tmp / "clip")             # open_clip local-dir: open_clip_config.json + weights
     name = register_open_clip_config(tmp / "cfg") # registers TINY_CLIP_NAME with open_clip (for `pretrained` files)
@@ -20,10 +20,10 @@ from pathlib import Path
 import open_clip
 import timm
 import torch
-from safetensors.torch import save_file
 from timm.models import generate_default_cfgs, register_model, save_for_hf
 from timm.models.vision_transformer import VisionTransformer, _cfg, _create_vision_transformer
 
+from distill.encoders.clip import save_open_clip_dir
 from distill.encoders.sam import build_sam
 from distill.io import atomic_write
 
@@ -68,13 +68,7 @@ def tiny_open_clip_model(seed: int = 0) -> torch.nn.Module:
 def write_open_clip_dir(folder: Path, seed: int = 0) -> Path:
     """open_clip's local-dir format (open_clip_config.json with model_cfg + preprocess_cfg,
     open_clip_model.safetensors); load with OpenClipEncoder('local-dir:' + folder)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = tiny_open_clip_model(seed)
-    atomic_write(folder / "open_clip_model.safetensors", lambda p: save_file(model.state_dict(), p))
-    config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": TINY_CLIP_PREPROCESS}
-    atomic_write(folder / "open_clip_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    return folder
+    return save_open_clip_dir(tiny_open_clip_model(seed), folder, TINY_CLIP_CONFIG, TINY_CLIP_PREPROCESS)
 
 
 def register_open_clip_config(folder: Path) -> str:

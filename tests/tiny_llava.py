@@ -1,4 +1,4 @@
-"""Tiny components for tests and CPU smoke runs: a word-level toy LM and fake toy-world records.
+"""Test fixtures (not part of the package): a word-level toy LM and fake toy-world records.
 
     lm_dir = write_tiny_lm(tmp / "lm")           # Llama LM + tokenizer, ~20 pretraining steps on TINY_TEXTS
     records = tiny_llava_records(tmp, count=8)   # LLaVA JSON records with PNG images written to tmp
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from distill.toy.lm import build_toy_lm
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -28,8 +30,6 @@ TINY_TEXTS = [text for i in range(12) for text in (tiny_qa(i)[0], " ".join(tiny_
 
 def write_tiny_lm(folder: str | Path, steps: int = 20, seed: int = 0) -> Path:
     """A tiny pretrained toy LM + tokenizer in Hugging Face format at `folder`."""
-    from distill.toy.lm import build_toy_lm
-
     return build_toy_lm(TINY_TEXTS, folder, steps=steps, seed=seed)
 
 
