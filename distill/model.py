@@ -40,6 +40,7 @@ from distill.encoders.base import check_images
 from distill.encoders.resize import normalize
 from distill.heads import AdaptorHead
 from distill.io import save_json, save_safetensors
+from distill.names import resolve_path
 
 ADAPTORS_WEIGHTS, ADAPTORS_CONFIG = "adaptors.safetensors", "adaptors.json"
 
@@ -120,8 +121,6 @@ class StudentModel(nn.Module):
             img_size=img_size, class_token=True, reg_tokens=num_prefix - 1, dynamic_img_size=True, num_classes=0
         )
         if checkpoint is not None:
-            from distill.encoders.paths import resolve_path
-
             checkpoint = str(resolve_path(checkpoint))
         overlay = {"file": checkpoint} if checkpoint else None
         try:

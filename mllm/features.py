@@ -32,8 +32,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from distill.io import save_json, save_safetensors
+from distill.names import split_scheme
+from distill.toy.cache import PROFILES, active_profile
 from mllm.towers import VisionTower
-
 
 FEATURES_VERSION = 2  # bump when a token builder (tower_tokens, oracle_tokens, blind_tokens) changes
 
@@ -47,9 +48,7 @@ def weights_identity(value: Any) -> list:
     elif isinstance(value, (list, tuple)):
         for item in value:
             found += weights_identity(item)
-    elif isinstance(value, str) and value.startswith("toy:"):
-        from distill.toy.cache import PROFILES, active_profile  # lazy: only toy names need the toy cache
-
+    elif isinstance(value, str) and split_scheme(value)[0] == "toy":
         found.append(("toy", PROFILES[active_profile()].digest()))
     elif isinstance(value, str) and len(value) < 4096 and Path(value).exists():
         root = Path(value)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.names import resolve_path  # noqa: F401  (kept for distill/student.py until it imports distill.names)
-
 
 def require_dir(path: str, what: str) -> Path:
     """Return `path` as a Path, or raise FileNotFoundError naming `what` and how to fix it."""
