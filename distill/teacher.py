@@ -10,14 +10,18 @@ In YAML (one list item of `model.teachers`):
         encoder:
           class_path: distill.encoders.OpenClipEncoder
           init_args: {model_name: ViT-L-14-336, pretrained: /ckpts/clip.pt}
+        precision: auto        # teacher forward in bf16 autocast only where measured faster (distill/precision.py)
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from distill.encoders.base import Encoder, EncoderOutput
+from distill.precision import TEACHER_PRECISIONS, teacher_autocast_dtype
 
 
 class Teacher(nn.Module):
@@ -28,12 +32,19 @@ class Teacher(nn.Module):
         encoder: the encoder wrapper (it owns the teacher's preprocessing and resolution).
         summary_weight: weight of the summary (CLS / embedding) loss; ignored if the teacher has no summary.
         dense_weight: weight of the dense feature loss.
+        precision: numeric precision of the teacher's forward pass: ``auto`` (bf16 autocast on CUDA with bf16
+            support; on CPU bf16 only where a measured ViT block runs faster than in fp32, see
+            distill/precision.py), ``fp32`` or ``bf16``. Targets are returned in fp32 either way.
     """
 
-    def __init__(self, name: str, encoder: Encoder, summary_weight: float = 1.0, dense_weight: float = 1.0) -> None:
+    def __init__(self, name: str, encoder: Encoder, summary_weight: float = 1.0, dense_weight: float = 1.0,
+                 precision: str = "auto") -> None:
         super().__init__()
         if not name.isidentifier():
             raise ValueError(f"Teacher name {name!r} must be a plain identifier such as 'clip' or 'dino_v2'.")
+        if precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"Teacher '{name}': precision must be one of {TEACHER_PRECISIONS}, got {precision!r}.")
+        self.precision = precision
         self.name = name
         self.encoder = encoder.freeze()
         self.summary_weight = summary_weight
@@ -43,10 +54,18 @@ class Teacher(nn.Module):
     def has_summary(self) -> bool:
         return self.encoder.summary_dim is not None
 
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The teacher's precision on `device`; fp32 also switches off an enclosing autocast (bf16-mixed student)."""
+        if device.type not in ("cpu", "cuda"):
+            return contextlib.nullcontext()
+        dtype = teacher_autocast_dtype(self.precision, device)
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
     def targets(self, images: torch.Tensor) -> EncoderOutput:
-        """Teacher features for images in [0, 1]; bf16 autocast on CUDA."""
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
+        """Teacher features (fp32) for images in [0, 1], computed under inference_mode in the teacher's precision."""
+        with torch.inference_mode(), self.autocast(images.device):
             out = self.encoder(images)
-        # Clone out of inference mode so the losses can save the targets for backward.
+        # Clone out of inference mode so the losses can save the targets for backward (float() of an
+        # fp32 tensor is the tensor itself, so the clone is needed in fp32 too).
         summary = out.summary.float().clone() if out.summary is not None else None
         return EncoderOutput(summary=summary, dense=out.dense.float().clone())
