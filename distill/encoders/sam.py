@@ -109,10 +109,17 @@ class SamEncoder(Encoder):
         checkpoint: plain state-dict file of the full Sam (official .pth), or "toy:sam"; None = random init.
         layer: -1 = neck output (dense_dim = out_chans); any other int = output of that image-encoder
             block (python index into the block list, -2 = penultimate), channels = embed_dim, before the neck.
+        chunk_size: images per image-encoder call; a batch is run in chunks of this size so the per-image
+            cost does not grow with the batch (SAM's 64x64-token attention maps are large). None = 1 on CPU,
+            the whole batch on other devices.
     """
 
-    def __init__(self, variant: str = "vit_b", checkpoint: str | None = None, layer: int = -1) -> None:
+    def __init__(self, variant: str = "vit_b", checkpoint: str | None = None, layer: int = -1,
+                 chunk_size: int | None = None) -> None:
         super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"SamEncoder: chunk_size must be >= 1 (or null for the per-device default), got {chunk_size}.")
+        self.chunk_size = chunk_size
         sam = build_sam(variant, checkpoint)
         self.image_encoder: ImageEncoderViT = sam.image_encoder
         self.register_buffer("pixel_mean", sam.pixel_mean.clone(), persistent=False)
@@ -141,7 +148,13 @@ class SamEncoder(Encoder):
         return F.pad(pixels, (0, self.image_size - width, 0, self.image_size - height))
 
     def encode(self, pixels: torch.Tensor) -> EncoderOutput:
-        """Features of the full padded grid (forward crops them to the image)."""
+        """Features of the full padded grid (forward crops them to the image), `chunk_size` images at a time."""
+        chunk = self.chunk_size or (1 if pixels.device.type == "cpu" else len(pixels))
+        if len(pixels) <= chunk:
+            return self._encode(pixels)
+        return EncoderOutput(summary=None, dense=torch.cat([self._encode(part).dense for part in pixels.split(chunk)]))
+
+    def _encode(self, pixels: torch.Tensor) -> EncoderOutput:
         encoder = self.image_encoder
         if self.layer == -1:
             return EncoderOutput(summary=None, dense=encoder(pixels))
