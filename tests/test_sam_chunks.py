@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distill.encoders import SamEncoder
+from distill.encoders.sam import CPU_CHUNK_TOKENS, default_chunk_size
 
 
 def calls_per_batch(encoder: SamEncoder) -> list[int]:
@@ -29,11 +30,16 @@ def test_chunked_sam_matches_one_call(layer):
     torch.testing.assert_close(out.dense, ref.dense, atol=1e-5, rtol=1e-5)
 
 
-def test_default_chunk_is_one_image_on_cpu():
+def test_default_chunk_follows_the_token_budget_on_cpu():
+    # SAM-B/L/H at 1024 px (64 x 64 tokens): one image per call on CPU; the tiny 64 px SAM: 64 images per call
+    assert default_chunk_size(64 * 64, batch=4, device_type="cpu") == 1
+    assert default_chunk_size(32 * 32, batch=8, device_type="cpu") == 4
+    assert default_chunk_size(8 * 8, batch=100, device_type="cpu") == CPU_CHUNK_TOKENS // 64 == 64
+    assert default_chunk_size(64 * 64, batch=4, device_type="cuda") == 4
     encoder = SamEncoder("tiny").freeze()
     sizes = calls_per_batch(encoder)
     with torch.inference_mode():
-        encoder(torch.rand(3, 3, 64, 64))
-    assert encoder.chunk_size is None and sizes == [1, 1, 1]
+        encoder(torch.rand(70, 3, 64, 64))
+    assert encoder.chunk_size is None and sizes == [64, 6]
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         SamEncoder("tiny", chunk_size=0)

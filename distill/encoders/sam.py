@@ -101,6 +101,16 @@ def _load_strict(model: torch.nn.Module, state: dict, path: str, what: str) -> N
     model.load_state_dict(state)
 
 
+CPU_CHUNK_TOKENS = 4096  # patch tokens per SAM image-encoder call on CPU (one 1024 px image, patch 16)
+
+
+def default_chunk_size(tokens_per_image: int, batch: int, device_type: str) -> int:
+    """Images per SAM image-encoder call when `chunk_size` is None (see SamEncoder)."""
+    if device_type != "cpu":
+        return max(1, batch)
+    return max(1, CPU_CHUNK_TOKENS // max(1, tokens_per_image))
+
+
 class SamEncoder(Encoder):
     """Frozen-teacher wrapper of SAM's image encoder.
 
@@ -110,8 +120,10 @@ class SamEncoder(Encoder):
         layer: -1 = neck output (dense_dim = out_chans); any other int = output of that image-encoder
             block (python index into the block list, -2 = penultimate), channels = embed_dim, before the neck.
         chunk_size: images per image-encoder call; a batch is run in chunks of this size so the per-image
-            cost does not grow with the batch (SAM's 64x64-token attention maps are large). None = 1 on CPU,
-            the whole batch on other devices.
+            cost does not grow with the batch (SAM's global attention maps over 64x64 tokens are 0.8 GB per
+            image and block in fp32). None = on CPU as many images as fit in CPU_CHUNK_TOKENS patch tokens
+            (1 image at SAM's 1024 px, whole toy batches at 64 px, where batching is faster), the whole
+            batch on other devices.
     """
 
     def __init__(self, variant: str = "vit_b", checkpoint: str | None = None, layer: int = -1,
@@ -149,7 +161,8 @@ class SamEncoder(Encoder):
 
     def encode(self, pixels: torch.Tensor) -> EncoderOutput:
         """Features of the full padded grid (forward crops them to the image), `chunk_size` images at a time."""
-        chunk = self.chunk_size or (1 if pixels.device.type == "cpu" else len(pixels))
+        chunk = self.chunk_size or default_chunk_size(pixels.shape[-2] * pixels.shape[-1] // self.patch_size**2,
+                                                      len(pixels), pixels.device.type)
         if len(pixels) <= chunk:
             return self._encode(pixels)
         return EncoderOutput(summary=None, dense=torch.cat([self._encode(part).dense for part in pixels.split(chunk)]))
