@@ -17,12 +17,19 @@ block can take seconds). The measurement runs with the process's torch thread co
 
 `trainer.precision: auto` in a distill / mllm config resolves through `resolve_trainer_precision`;
 `Teacher(precision="auto")` through `teacher_autocast_dtype`.
+
+The choice is measured once per process and exported to the environment (CHOICE_ENV), so processes
+started afterwards (Lightning's DDP ranks, which re-run the command) take the same choice instead of
+measuring again; set that variable yourself (e.g. `UNITOWER_PRECISION_CHOICE=32-true,fp32`) to pin it.
+A new run measures again: `auto` is machine-dependent by design, so pin explicit precisions where runs
+on different machines (or a resume after a machine change) must match bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 MIN_SPEEDUP = 1.1  # bf16 must be at least this much faster (fp32 time / bf16 time) to be chosen
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 units
 AUTO = "auto"
+CHOICE_ENV = "UNITOWER_PRECISION_CHOICE"  # "<trainer precision>,<teacher precision>", e.g. "bf16-mixed,bf16"
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -205,16 +213,35 @@ def measure_cpu_bf16(seconds: float = 0.5, screen_floor: float = 0.25) -> Speedu
     )
 
 
+def choice_from_env(device: str, value: str | None = None) -> PrecisionChoice | None:
+    """The choice pinned in CHOICE_ENV ("<trainer>,<teacher>"), or None when unset."""
+    value = os.environ.get(CHOICE_ENV) if value is None else value
+    if not value:
+        return None
+    trainer, _, teacher = value.partition(",")
+    if trainer not in ("bf16-mixed", "32-true") or teacher not in ("bf16", "fp32"):
+        raise ValueError(f"{CHOICE_ENV}={value!r}: expected '<bf16-mixed|32-true>,<bf16|fp32>', e.g. '32-true,fp32'.")
+    return PrecisionChoice(device, trainer, teacher, f"precision auto: student {trainer}, teachers {teacher} ({CHOICE_ENV}={value})")
+
+
 @functools.lru_cache(maxsize=None)
 def choose_precision(device: str = "cpu") -> PrecisionChoice:
-    """Measure (CPU) or query (CUDA) once per process and device, log the one-line reason, return the choice."""
+    """Measure (CPU) or query (CUDA) once per process and device, log the one-line reason, return the choice.
+
+    A choice already in CHOICE_ENV (pinned, or exported by the parent process) is taken as is; a measured
+    one is exported there for the processes started later."""
     device = torch.device(device).type
+    pinned = choice_from_env(device)
+    if pinned is not None:
+        log.warning(pinned.reason)
+        return pinned
     if device == "cuda":
         choice = decide("cuda", cuda_bf16=torch.cuda.is_bf16_supported())
     else:
         name, flags = cpu_info()
         choice = decide("cpu", measure_cpu_bf16(), cpu_name=name, cpu_flags=flags)
     log.warning(choice.reason)
+    os.environ[CHOICE_ENV] = f"{choice.trainer},{choice.teacher}"
     return choice
 
 

@@ -10,7 +10,7 @@ In YAML (one list item of `model.teachers`):
         encoder:
           class_path: distill.encoders.OpenClipEncoder
           init_args: {model_name: ViT-L-14-336, pretrained: /ckpts/clip.pt}
-        precision: auto        # teacher forward in bf16 autocast only where measured faster (distill/precision.py)
+        precision: auto        # fp32 (default) | bf16 | auto: bf16 autocast only where measured faster (distill/precision.py)
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ class Teacher(nn.Module):
         encoder: the encoder wrapper (it owns the teacher's preprocessing and resolution).
         summary_weight: weight of the summary (CLS / embedding) loss; ignored if the teacher has no summary.
         dense_weight: weight of the dense feature loss.
-        precision: numeric precision of the teacher's forward pass: ``auto`` (bf16 autocast on CUDA with bf16
-            support; on CPU bf16 only where a measured ViT block runs faster than in fp32, see
-            distill/precision.py), ``fp32`` or ``bf16``. Targets are returned in fp32 either way.
+        precision: numeric precision of the teacher's forward pass: ``fp32``, ``bf16``, or ``auto`` (bf16
+            autocast on CUDA with bf16 support; on CPU bf16 only where a measured ViT block runs faster than
+            fp32, see distill/precision.py: the cheapest precision for this machine, but machine-dependent,
+            so a run resumed or repeated in another process may measure differently; hence not the default).
+            Targets are returned in fp32 either way.
     """
 
     def __init__(self, name: str, encoder: Encoder, summary_weight: float = 1.0, dense_weight: float = 1.0,
-                 precision: str = "auto") -> None:
+                 precision: str = "fp32") -> None:
         super().__init__()
         if not name.isidentifier():
             raise ValueError(f"Teacher name {name!r} must be a plain identifier such as 'clip' or 'dino_v2'.")

@@ -128,7 +128,7 @@ def test_teacher_auto_precision_follows_the_measurement(monkeypatch, measured, e
 
     choose, _ = _fixed("32-true", measured)
     monkeypatch.setattr(P, "choose_precision", choose)
-    teacher = Teacher("probe", Probe())
+    teacher = Teacher("probe", Probe(), precision="auto")
     # fp32 also switches off an enclosing bf16 autocast (a bf16-mixed student step)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = teacher.targets(torch.rand(2, 3, 4, 4))
@@ -140,6 +140,7 @@ def test_teacher_auto_precision_follows_the_measurement(monkeypatch, measured, e
 def test_teacher_explicit_precision():
     from distill.teacher import Teacher
 
+    assert Teacher("probe", Probe()).precision == "fp32"  # the default: reproducible across processes
     assert P.teacher_autocast_dtype("fp32", "cpu") is None
     assert P.teacher_autocast_dtype("bf16", "cpu") is torch.bfloat16
     teacher = Teacher("probe", Probe(), precision="bf16")
@@ -147,3 +148,26 @@ def test_teacher_explicit_precision():
     assert teacher.encoder.seen == [(True, True)]
     with pytest.raises(ValueError, match="precision must be one of"):
         Teacher("probe", Probe(), precision="fp16")
+
+
+def test_choice_is_exported_to_later_processes_and_can_be_pinned(monkeypatch):
+    monkeypatch.setenv(P.CHOICE_ENV, "")  # unset for the choice; restored after the test
+    P.choose_precision.cache_clear()
+    monkeypatch.setattr(P, "measure_cpu_bf16", lambda: P.Speedups(forward=2.0, train=0.5))
+    try:
+        choice = P.choose_precision("cpu")
+        assert (choice.trainer, choice.teacher) == ("32-true", "bf16")
+        assert P.os.environ[P.CHOICE_ENV] == "32-true,bf16"  # a DDP rank started now inherits this
+        P.choose_precision.cache_clear()
+        monkeypatch.setattr(P, "measure_cpu_bf16", lambda: pytest.fail("a pinned choice is not measured again"))
+        assert P.choose_precision("cpu") == P.PrecisionChoice("cpu", "32-true", "bf16", choice_reason())
+        monkeypatch.setenv(P.CHOICE_ENV, "bf16-mixed,fp16")
+        P.choose_precision.cache_clear()
+        with pytest.raises(ValueError, match="UNITOWER_PRECISION_CHOICE='bf16-mixed,fp16'"):
+            P.choose_precision("cpu")
+    finally:
+        P.choose_precision.cache_clear()
+
+
+def choice_reason() -> str:
+    return "precision auto: student 32-true, teachers bf16 (UNITOWER_PRECISION_CHOICE=32-true,bf16)"
