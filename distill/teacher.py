@@ -16,12 +16,14 @@ In YAML (one list item of `model.teachers`):
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 
 import torch
 from torch import nn
 
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.precision import TEACHER_PRECISIONS, teacher_autocast_dtype
+from distill.precision import MIN_SPEEDUP, TEACHER_PRECISIONS, teacher_autocast_dtype
 
 
 class Teacher(nn.Module):
@@ -61,7 +63,27 @@ class Teacher(nn.Module):
         if device.type not in ("cpu", "cuda"):
             return contextlib.nullcontext()
         dtype = teacher_autocast_dtype(self.precision, device)
+        if dtype is not None and self.precision == "auto" and device.type == "cpu":
+            dtype = self._checked_on_cpu()
         return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    def _checked_on_cpu(self) -> torch.dtype | None:
+        """`auto` on CPU after the probe favoured bf16: time this teacher itself on one image in fp32 and in
+        bf16 (best of 2 each, once per teacher) and keep bf16 only if it is faster here too. Some models
+        run far slower under CPU bf16 autocast than the probe block (open_clip ViT-B/16: 12x slower here)."""
+        if getattr(self, "_cpu_dtype", "unset") == "unset":
+            image = torch.rand(1, 3, *self.encoder.input_size)
+            best = {}
+            for dtype in (None, torch.bfloat16, None, torch.bfloat16):
+                start = time.perf_counter()
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                    self.encoder(image)
+                best[dtype] = min(best.get(dtype, float("inf")), time.perf_counter() - start)
+            self._cpu_dtype = torch.bfloat16 if best[torch.bfloat16] * MIN_SPEEDUP <= best[None] else None
+            logging.getLogger(__name__).warning(
+                f"teacher '{self.name}' precision auto: {'bf16' if self._cpu_dtype else 'fp32'} "
+                f"(one image: fp32 {best[None]:.3f} s, bf16 {best[torch.bfloat16]:.3f} s)")
+        return self._cpu_dtype
 
     def targets(self, images: torch.Tensor) -> EncoderOutput:
         """Teacher features (fp32) for images in [0, 1], computed under inference_mode in the teacher's precision."""

@@ -109,6 +109,7 @@ class Probe(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.summary_dim, self.dense_dim = 2, 2
+        self.input_size = (4, 4)
         self.seen = []
 
     def freeze(self):
@@ -129,6 +130,7 @@ def test_teacher_auto_precision_follows_the_measurement(monkeypatch, measured, e
     choose, _ = _fixed("32-true", measured)
     monkeypatch.setattr(P, "choose_precision", choose)
     teacher = Teacher("probe", Probe(), precision="auto")
+    teacher._cpu_dtype = torch.bfloat16  # the per-teacher check (timed, so not asserted here) agreed
     # fp32 also switches off an enclosing bf16 autocast (a bf16-mixed student step)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = teacher.targets(torch.rand(2, 3, 4, 4))
@@ -171,3 +173,22 @@ def test_choice_is_exported_to_later_processes_and_can_be_pinned(monkeypatch):
 
 def choice_reason() -> str:
     return "precision auto: student 32-true, teachers bf16 (UNITOWER_PRECISION_CHOICE=32-true,bf16)"
+
+
+def test_teacher_auto_keeps_fp32_when_its_own_bf16_run_is_slower(monkeypatch):
+    from distill.teacher import Teacher
+
+    class SlowInBf16(Probe):
+        def forward(self, images):
+            if torch.is_autocast_enabled("cpu"):
+                time.sleep(0.05)  # stands in for a model whose CPU bf16 kernels are slow
+            return super().forward(images)
+
+    import time
+
+    choose, _ = _fixed("bf16-mixed", "bf16")  # the probe block said bf16 is faster
+    monkeypatch.setattr(P, "choose_precision", choose)
+    teacher = Teacher("slow", SlowInBf16(), precision="auto")
+    teacher.targets(torch.rand(2, 3, 4, 4))
+    assert teacher._cpu_dtype is None and teacher.encoder.seen[-1] == (False, True)
+    assert len(teacher.encoder.seen) == 5  # 4 timing runs on one image, then the batch in fp32
