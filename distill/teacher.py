@@ -58,21 +58,21 @@ class Teacher(nn.Module):
     def has_summary(self) -> bool:
         return self.encoder.summary_dim is not None
 
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+    def autocast(self, device: torch.device, images: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
         """The teacher's precision on `device`; fp32 also switches off an enclosing autocast (bf16-mixed student)."""
         if device.type not in ("cpu", "cuda"):
             return contextlib.nullcontext()
         dtype = teacher_autocast_dtype(self.precision, device)
         if dtype is not None and self.precision == "auto" and device.type == "cpu":
-            dtype = self._checked_on_cpu()
+            dtype = self._checked_on_cpu(images if images is not None else torch.rand(2, 3, *self.encoder.input_size))
         return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
-    def _checked_on_cpu(self) -> torch.dtype | None:
-        """`auto` on CPU after the probe favoured bf16: time this teacher itself on one image in fp32 and in
-        bf16 (best of 2 each, once per teacher) and keep bf16 only if it is faster here too. Some models
-        run far slower under CPU bf16 autocast than the probe block (open_clip ViT-B/16: 12x slower here)."""
+    def _checked_on_cpu(self, image: torch.Tensor) -> torch.dtype | None:
+        """`auto` on CPU after the probe favoured bf16: time this teacher itself on the first batch in fp32 and
+        in bf16 (best of 2 each, once per teacher) and keep bf16 only if it is faster here too. Some models run
+        far slower under CPU bf16 autocast than the probe block (open_clip ViT-B/16 at batch >= 2: 3-12x
+        slower here, yet faster at batch 1, so the real batch is timed)."""
         if getattr(self, "_cpu_dtype", "unset") == "unset":
-            image = torch.rand(1, 3, *self.encoder.input_size)
             best = {}
             for dtype in (None, torch.bfloat16, None, torch.bfloat16):
                 start = time.perf_counter()
@@ -82,12 +82,12 @@ class Teacher(nn.Module):
             self._cpu_dtype = torch.bfloat16 if best[torch.bfloat16] * MIN_SPEEDUP <= best[None] else None
             logging.getLogger(__name__).warning(
                 f"teacher '{self.name}' precision auto: {'bf16' if self._cpu_dtype else 'fp32'} "
-                f"(one image: fp32 {best[None]:.3f} s, bf16 {best[torch.bfloat16]:.3f} s)")
+                f"(batch of {len(image)}: fp32 {best[None]:.3f} s, bf16 {best[torch.bfloat16]:.3f} s)")
         return self._cpu_dtype
 
     def targets(self, images: torch.Tensor) -> EncoderOutput:
         """Teacher features (fp32) for images in [0, 1], computed under inference_mode in the teacher's precision."""
-        with torch.inference_mode(), self.autocast(images.device):
+        with torch.inference_mode(), self.autocast(images.device, images):
             out = self.encoder(images)
         # Clone out of inference mode so the losses can save the targets for backward (float() of an
         # fp32 tensor is the tensor itself, so the clone is needed in fp32 too).

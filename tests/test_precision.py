@@ -191,4 +191,4 @@ def test_teacher_auto_keeps_fp32_when_its_own_bf16_run_is_slower(monkeypatch):
     teacher = Teacher("slow", SlowInBf16(), precision="auto")
     teacher.targets(torch.rand(2, 3, 4, 4))
     assert teacher._cpu_dtype is None and teacher.encoder.seen[-1] == (False, True)
-    assert len(teacher.encoder.seen) == 5  # 4 timing runs on one image, then the batch in fp32
+    assert len(teacher.encoder.seen) == 5  # 4 timing runs on the first batch, then the batch in fp32
