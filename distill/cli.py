@@ -11,7 +11,8 @@ Run folders follow `trainer.default_root_dir` (both CLIs, `UnitowerCLI`): a Mode
 `dirpath` writes there, and without a configured logger the CSV logs go to
 `<default_root_dir>/lightning_logs/version_N`. Checkpoints are written atomically
 (`AtomicCheckpointIO`), and temp files that killed runs left in the checkpoint folders are removed when
-the next fit starts.
+the next fit starts. `trainer.precision: auto` picks bf16-mixed or 32-true for this machine
+(distill/precision.py: bf16 on CPU only where measured faster) and logs why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Literal, Union
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -28,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from distill.data import DistillDataModule
 from distill.io import remove_stale_temps
 from distill.module import DistillModule
+from distill.precision import AUTO, resolve_trainer_precision
 
 ATOMIC_CHECKPOINTS = {"plugins": [{"class_path": "distill.checkpoint_io.AtomicCheckpointIO"}]}
 
@@ -35,9 +37,14 @@ ATOMIC_CHECKPOINTS = {"plugins": [{"class_path": "distill.checkpoint_io.AtomicCh
 class UnitowerCLI(LightningCLI):
     """LightningCLI whose checkpoint and log folders follow `trainer.default_root_dir` (see module docstring)."""
 
+    def add_core_arguments_to_parser(self, parser) -> None:
+        super().add_core_arguments_to_parser(parser)
+        _allow_precision_auto(parser)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        trainer.precision = resolve_trainer_precision(trainer.precision, trainer.accelerator)  # "auto": measured
         root = trainer.default_root_dir or os.getcwd()
         if trainer.logger is None or trainer.logger is True:
             trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
@@ -52,6 +59,15 @@ class UnitowerCLI(LightningCLI):
         for folder in folders:
             if folder and "://" not in str(folder):
                 remove_stale_temps(folder)
+
+
+def _allow_precision_auto(parser) -> None:
+    """Let `trainer.precision` also take "auto" (resolved per machine by distill.precision before the Trainer is built)."""
+    action = parser._option_string_actions.get("--trainer.precision")
+    if action is None or not hasattr(action, "_typehint"):
+        raise RuntimeError("trainer.precision: auto needs jsonargparse's typed --trainer.precision action; "
+                           "this lightning/jsonargparse version has none. Set an explicit precision instead.")
+    action._typehint = Union[action._typehint, Literal[AUTO]]
 
 
 def _is_model_checkpoint(callback: Any) -> bool:

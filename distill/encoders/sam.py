@@ -89,6 +89,16 @@ def build_sam(variant: str, checkpoint: str | None = None) -> Sam:
     return sam.eval()
 
 
+CPU_CHUNK_TOKENS = 4096  # patch tokens per SAM image-encoder call on CPU (one 1024 px image, patch 16)
+
+
+def default_chunk_size(tokens_per_image: int, batch: int, device_type: str) -> int:
+    """Images per SAM image-encoder call when `chunk_size` is None (see SamEncoder)."""
+    if device_type != "cpu":
+        return max(1, batch)
+    return max(1, CPU_CHUNK_TOKENS // max(1, tokens_per_image))
+
+
 class SamEncoder(Encoder):
     """Frozen-teacher wrapper of SAM's image encoder.
 
@@ -97,10 +107,19 @@ class SamEncoder(Encoder):
         checkpoint: plain state-dict file of the full Sam (official .pth), or "toy:sam"; None = random init.
         layer: -1 = neck output (dense_dim = out_chans); any other int = output of that image-encoder
             block (python index into the block list, -2 = penultimate), channels = embed_dim, before the neck.
+        chunk_size: images per image-encoder call; a batch is run in chunks of this size so the per-image
+            cost does not grow with the batch (SAM's global attention maps over 64x64 tokens are 0.8 GB per
+            image and block in fp32). None = on CPU as many images as fit in CPU_CHUNK_TOKENS patch tokens
+            (1 image at SAM's 1024 px, whole toy batches at 64 px, where batching is faster), the whole
+            batch on other devices.
     """
 
-    def __init__(self, variant: str = "vit_b", checkpoint: str | None = None, layer: int = -1) -> None:
+    def __init__(self, variant: str = "vit_b", checkpoint: str | None = None, layer: int = -1,
+                 chunk_size: int | None = None) -> None:
         super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"SamEncoder: chunk_size must be >= 1 (or null for the per-device default), got {chunk_size}.")
+        self.chunk_size = chunk_size
         sam = build_sam(variant, checkpoint)
         self.image_encoder: ImageEncoderViT = sam.image_encoder
         self.register_buffer("pixel_mean", sam.pixel_mean.clone(), persistent=False)
@@ -129,7 +148,14 @@ class SamEncoder(Encoder):
         return F.pad(pixels, (0, self.image_size - width, 0, self.image_size - height))
 
     def encode(self, pixels: torch.Tensor) -> EncoderOutput:
-        """Features of the full padded grid (forward crops them to the image)."""
+        """Features of the full padded grid (forward crops them to the image), `chunk_size` images at a time."""
+        chunk = self.chunk_size or default_chunk_size(pixels.shape[-2] * pixels.shape[-1] // self.patch_size**2,
+                                                      len(pixels), pixels.device.type)
+        if len(pixels) <= chunk:
+            return self._encode(pixels)
+        return EncoderOutput(summary=None, dense=torch.cat([self._encode(part).dense for part in pixels.split(chunk)]))
+
+    def _encode(self, pixels: torch.Tensor) -> EncoderOutput:
         encoder = self.image_encoder
         if self.layer == -1:
             return EncoderOutput(summary=None, dense=encoder(pixels))
