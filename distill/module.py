@@ -21,6 +21,7 @@ from distill.feature_norm import build_normalizer
 from distill.heads import AdaptorHead
 from distill.schedule import warmup_cosine
 from distill.student import StudentViT
+from distill.encoders.base import EncoderOutput
 from distill.teacher import Teacher
 
 DENSE_LOSSES = ("cosine_smooth_l1", "mse")
@@ -94,12 +95,16 @@ class DistillModule(L.LightningModule):
         self.dense_loss = dense_loss
         self.optimizer_factory = optimizer
 
-    def teacher_losses(self, images: torch.Tensor, stage: str) -> torch.Tensor:
-        """Total weighted loss over teachers; logs every part per teacher (and cosines on validation)."""
+    def teacher_losses(self, images: torch.Tensor, stage: str, cached: dict | None = None) -> torch.Tensor:
+        """Total weighted loss over teachers; logs every part per teacher (and cosines on validation).
+        `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache, used instead of running the teachers."""
         out = self.student(images)
         total = images.new_zeros(())
         for teacher in self.teachers:
-            target = teacher.targets(images)
+            if cached is not None:  # teacher cache (distill/cache): targets came with the batch
+                target = EncoderOutput(summary=cached[teacher.name].get("summary"), dense=cached[teacher.name]["dense"])
+            else:
+                target = teacher.targets(images)
             pred_summary, pred_dense = self.heads[teacher.name](out.summary.get(teacher.name), out.dense)
             pred_dense = losses.resize_to_grid(pred_dense, target.dense.shape[-2:])
             logs = {}
@@ -169,10 +174,12 @@ class DistillModule(L.LightningModule):
         # Raw loader batches are {"images", "skipped"} (the datamodule's transfer hook is not applied here).
         self.calibrate(batch["images"] if isinstance(batch, dict) else batch for _, batch in zip(range(count), loader))
 
-    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, images: torch.Tensor | dict, batch_idx: int) -> torch.Tensor | None:
+        cached = images.get("targets") if isinstance(images, dict) else None  # teacher cache batches are dicts
+        images = images["images"] if isinstance(images, dict) else images
         if images.numel() == 0:
             return None  # every image of this batch was skipped as corrupt
-        return self.teacher_losses(images, "train")
+        return self.teacher_losses(images, "train", cached)
 
     def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
         if images.numel():
