@@ -166,11 +166,13 @@ def build_cache(
             calib = torch.cat([_tokens(o[t.name][1]) for _, o in pending])
             if len(calib) > calibration_tokens:
                 calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))[:calibration_tokens]]
-            dense_dim = calib.shape[1]
             summary_dim = t.encoder.summary_dim
             tokens_per_view = grids[t.name][0] * grids[t.name][1]
-            # the largest k whose bytes stay within max_ratio of Theia's bf16 layout for this teacher
-            budget = max_ratio * (2 * (summary_dim or 0) + 2 * tokens_per_view * dense_dim) - 2 * (summary_dim or 0)
+            # the largest k whose bytes on disk stay within max_ratio of Theia's bf16 layout for this teacher:
+            # its share of the tar member overhead (512-byte header + up to 511 bytes of padding) included
+            theia_view = theia[t.name] / len(pending)
+            overhead = 1024 / len(teachers)
+            budget = (max_ratio * theia_view - overhead) / views - 2 * (summary_dim or 0)
             per_token = int(budget // tokens_per_view)
             fixed = (components or {}).get(t.name)
             codec = PcaCodec.fit(calib, components=fixed) if fixed else PcaCodec.fit_within(calib, per_token)
