@@ -40,7 +40,9 @@ class PcaCodec:
         if basis.ndim != 2 or basis.shape[0] != mean.shape[0] or std.shape != (basis.shape[1],):
             raise ValueError(f"PcaCodec: mean {tuple(mean.shape)}, basis {tuple(basis.shape)}, std {tuple(std.shape)} "
                              "do not fit together (expected [C], [C, k], [k]).")
-        self.mean, self.basis, self.std = mean.float(), basis.float(), std.float().clamp_min(1e-12)
+        # components without variance would only scale noise up: floor the std at 1e-3 of the largest one
+        self.mean, self.basis = mean.float(), basis.float()
+        self.std = std.float().clamp_min(float(std.max()) * 1e-3 + 1e-12)
 
     @property
     def channels(self) -> int:

@@ -174,6 +174,10 @@ def build_cache(
             overhead = 1024 / len(teachers)
             budget = (max_ratio * theia_view - overhead) / views - 2 * (summary_dim or 0)
             per_token = int(budget // tokens_per_view)
+            if per_token < 4:  # tiny maps: the tar overhead alone exceeds the budget; count the payload only
+                per_token = max(4, int((max_ratio * theia_view / views - 2 * (summary_dim or 0)) // tokens_per_view))
+                warnings.warn(f"teacher cache: '{t.name}' has {tokens_per_view} tokens per view, too few for the tar "
+                              f"member overhead to fit in {max_ratio} of Theia's bytes; budgeting the payload only.")
             fixed = (components or {}).get(t.name)
             codec = PcaCodec.fit(calib, components=fixed) if fixed else PcaCodec.fit_within(calib, per_token)
             codecs[t.name] = codec
