@@ -32,7 +32,8 @@ def _instantiate(config: dict):
         raise ValueError("the config needs model.teachers and data (a `python -m distill fit` config).")
     data = {k: v for k, v in config["data"].items() if k != "teacher_cache"}
     cfg = parser.parse_object({"teachers": model["teachers"], "data": data})
-    init = parser.instantiate_classes(cfg)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    init = instantiate(cfg)
     return init.teachers, init.data
 
 

@@ -69,3 +69,61 @@ def format_report(report: dict) -> str:
                          f"k={r['components']}x{r['bits']}bit of C={r['channels']}, token cos mean {r['dense_cos_mean']:.4f} "
                          f"p1 {r['dense_cos_p1']:.4f}")
     return "\n".join(lines)
+
+
+def step_times(module, cache_dir: str, image_size: int, batch_size: int = 32, steps: int = 10, num_workers: int = 1,
+               rounds: int = 3, online: bool = True) -> dict:
+    """Milliseconds per training step (forward, backward, AdamW step) of `module` (a DistillModule), measured
+    in interleaved rounds of `steps` steps (the median round counts):
+
+    - student_only: one batch (images + decoded cached targets) held in memory, no data loading;
+    - cached: batches read from the cache by a DataLoader with `num_workers` workers (decode, crop, unpack);
+    - online: the held batch's images with the teachers run in the step (if `online`).
+    Returns {"student_only_ms", "cached_ms", "online_ms", "cached_vs_student_only", "cached_vs_online"}."""
+    import statistics
+    import time
+
+    from distill.cache.dataset import CachedViews, collate_cached
+    from distill.data.resumable import ResumableLoader
+
+    module.log = lambda *a, **k: None  # no trainer attached
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    loader = ResumableLoader(CachedViews(cache_dir, image_size), batch_size, seed=0, num_workers=num_workers,
+                             collate_fn=collate_cached)
+    stream = iter(loader)
+    held = next(stream)
+
+    def step(images, targets):
+        loss = module.teacher_losses(images, "train", targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def cached_batch():
+        nonlocal stream
+        try:
+            return next(stream)
+        except StopIteration:
+            stream = iter(loader)
+            return next(stream)
+
+    kinds = {"student_only": lambda: step(held["images"], held["targets"]),
+             "cached": lambda: (lambda b: step(b["images"], b["targets"]))(cached_batch())}
+    if online:
+        kinds["online"] = lambda: step(held["images"], None)
+    for run in kinds.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(rounds):
+        for name, run in kinds.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - start) / steps * 1000)
+    out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
+    out["cached_vs_student_only"] = out["cached_ms"] / out["student_only_ms"]
+    if online:
+        out["cached_vs_online"] = out["cached_ms"] / out["online_ms"]
+    return out
