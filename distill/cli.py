@@ -3,6 +3,7 @@
     python -m distill fit -c configs/distill/toy.yaml            # train (add --ckpt_path X.ckpt to resume)
     python -m distill validate -c configs/distill/toy.yaml --ckpt_path X.ckpt
     python -m distill export --ckpt X.ckpt --out DIR [--with-adaptors]
+    python -m distill cache -c configs/distill/toy.yaml --out DIR --images N   # teacher-feature cache
 
 fit/validate are LightningCLI subcommands: every constructor argument of DistillModule,
 DistillDataModule and the Trainer is a config key; each run saves its config.yaml in its log folder.
@@ -117,5 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export":
         export_cli(argv[1:])
+    elif argv and argv[0] == "cache":
+        from distill.cache.cli import main as cache_main
+
+        cache_main(argv[1:])
     else:
         lightning_cli(argv)

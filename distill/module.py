@@ -151,11 +151,15 @@ class DistillModule(L.LightningModule):
             mean = value
         return loss / mean.clamp_min(1e-12).to(loss.dtype)
 
-    def teacher_losses(self, images: torch.Tensor, stage: str) -> torch.Tensor:
-        """Total weighted loss over teachers; logs every part per teacher (and cosines on validation)."""
+    def teacher_losses(self, images: torch.Tensor, stage: str, cached: dict | None = None) -> torch.Tensor:
+        """Total weighted loss over teachers; logs every part per teacher (and cosines on validation).
+        `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache, used instead of running the teachers."""
         names = self.active_teachers(stage)
         out = self.student(images, adaptors=names)
-        targets = self.teacher_targets(images, names)
+        if cached is not None:  # teacher cache (distill/cache): the targets came with the batch
+            targets = {n: EncoderOutput(summary=cached[n].get("summary"), dense=cached[n]["dense"]) for n in names}
+        else:
+            targets = self.teacher_targets(images, names)
         total = images.new_zeros(())
         for index, teacher in enumerate(self.teachers):
             if teacher.name not in targets:
@@ -230,10 +234,12 @@ class DistillModule(L.LightningModule):
         # Raw loader batches are {"images", "skipped"} (the datamodule's transfer hook is not applied here).
         self.calibrate(batch["images"] if isinstance(batch, dict) else batch for _, batch in zip(range(count), loader))
 
-    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, images: torch.Tensor | dict, batch_idx: int) -> torch.Tensor | None:
+        cached = images.get("targets") if isinstance(images, dict) else None  # teacher cache batches are dicts
+        images = images["images"] if isinstance(images, dict) else images
         if images.numel() == 0:
             return None  # every image of this batch was skipped as corrupt
-        return self.teacher_losses(images, "train")
+        return self.teacher_losses(images, "train", cached)
 
     def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
         if images.numel():

@@ -49,6 +49,10 @@ class DistillDataModule(CountedResumableData):
             images seen was skipped as broken (checked after 100 images; 1.0 never stops).
         seed: seed of the epoch order and of each image's augmentation; None = the run's
             `seed_everything` value (0 when there is none).
+        teacher_cache: a folder written by `python -m distill cache`: training images and the teachers'
+            targets then come from it (`train`, `min_scale` and `hflip` are not used for training; each
+            image's crop is one of the views stored in the cache) and training batches carry a
+            "targets" dict the module uses instead of running the teachers. Validation is unchanged.
     """
 
     def __init__(
@@ -62,14 +66,18 @@ class DistillDataModule(CountedResumableData):
         hflip: bool = True,
         max_skipped_fraction: float = 0.5,
         seed: int | None = None,
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.train_source, self.val_source = train, val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.skips = DataSkips(max_skipped_fraction)
         self.min_scale, self.hflip, self.seed = min_scale, hflip, seed
+        self.teacher_cache = teacher_cache
 
     def train_dataloader(self) -> ResumableLoader:
+        if self.teacher_cache is not None:
+            return self._cached_train_dataloader()
         dataset = self.train_source.dataset(train_transform(self.image_size, self.min_scale, self.hflip))
         rank, world_size = trainer_rank(self.trainer)
         return ResumableLoader(
@@ -77,6 +85,17 @@ class DistillDataModule(CountedResumableData):
             num_workers=self.num_workers, collate_fn=collate_images, pin_memory=torch.cuda.is_available(),
             rank=rank, world_size=world_size, consumed=consumed_batches(self.trainer),
             replay=deterministic_stream(self.train_source),
+        )
+
+    def _cached_train_dataloader(self) -> ResumableLoader:
+        from distill.cache.dataset import CachedViews, collate_cached
+
+        dataset = CachedViews(self.teacher_cache, self.image_size)
+        rank, world_size = trainer_rank(self.trainer)
+        return ResumableLoader(
+            dataset, self.batch_size, seed=run_seed(self.seed), shuffle=True, drop_last=True,
+            num_workers=self.num_workers, collate_fn=collate_cached, pin_memory=torch.cuda.is_available(),
+            rank=rank, world_size=world_size,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -88,7 +107,10 @@ class DistillDataModule(CountedResumableData):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
-        """Count the batch's skipped samples (main process, exact) and hand the module the images only."""
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> torch.Tensor | dict:
+        """Count the batch's skipped samples (main process, exact) and hand the module the images only
+        (with a teacher cache: {"images", "targets"})."""
         self.skips.record(self.trainer, batch["skipped"], len(batch["images"]))
+        if "targets" in batch:
+            return {"images": batch["images"], "targets": batch["targets"]}
         return batch["images"]
