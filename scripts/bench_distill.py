@@ -31,9 +31,9 @@ import torch
 
 from distill import losses
 from distill.encoders import OpenClipEncoder, TimmEncoder
+from distill.model import StudentModel
 from distill.module import DistillModule
-from distill.precision import choose_precision, cpu_info, BF16_CPU_FLAGS
-from distill.student import StudentViT
+from distill.precision import BF16_CPU_FLAGS, choose_precision, cpu_info
 from distill.teacher import Teacher
 from mllm.study.cost import count_flops
 
@@ -51,7 +51,7 @@ def build(args) -> tuple[DistillModule, list[Teacher]]:
         Teacher("clip", OpenClipEncoder(args.clip, image_size=args.teacher_size)),
         Teacher("dino", TimmEncoder(args.dino, image_size=args.teacher_size, crop_pct=1.0)),
     ]
-    student = StudentViT(args.student, summary_names=["clip", "dino"], num_registers=2, img_size=args.size)
+    student = StudentModel(args.student, summary_names=["clip", "dino"], num_registers=2, img_size=args.size)
     module = DistillModule(student, teachers, adaptor_hidden_dim=args.adaptor_hidden)
     module.log = lambda *a, **k: None  # outside a Trainer
     module.train()
@@ -64,7 +64,8 @@ def trainable(module: DistillModule) -> list[torch.nn.Parameter]:
 
 def make_steps(module: DistillModule, teachers: list[Teacher], images: torch.Tensor, bf16_student: bool,
                compile_teachers: bool) -> dict[str, Callable[[], None]]:
-    student, heads = module.student, module.heads
+    student, heads = module.student, module.student.heads
+    backbone = partial(student, adaptors=[])  # tokens only: the hand-written steps run the heads themselves
 
     def optimizer() -> torch.optim.Optimizer:
         return torch.optim.AdamW(trainable(module), lr=1e-4)
@@ -85,7 +86,7 @@ def make_steps(module: DistillModule, teachers: list[Teacher], images: torch.Ten
     naive_opt = optimizer()
 
     def naive() -> None:
-        out = student(images)
+        out = backbone(images)
         loss = images.new_zeros(())
         for teacher in teachers:
             with torch.no_grad():
@@ -105,13 +106,13 @@ def make_steps(module: DistillModule, teachers: list[Teacher], images: torch.Ten
 
     def cached() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_student):
-            out = student(images)
+            out = backbone(images)
             loss = sum(head_losses(out, name, t.summary, t.dense) for name, t in held)
         finish(loss, cached_opt)
 
     def student_only() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_student):
-            out = student(images)
+            out = backbone(images)
             loss = out.dense.float().square().mean() + sum(s.float().square().mean() for s in out.summary.values())
         finish(loss, student_opt)
 
@@ -166,7 +167,7 @@ def flops_table(module: DistillModule, teachers: list[Teacher], student_size: in
 
     log("\nGFLOPs per image (2 x MACs; exact = math attention, no fused MHA fast path):")
     log(f"{'model':<10}{'px':>5}{'exact':>10}{'plain counter':>15}{'exact/plain':>13}")
-    models = [("student", lambda x: module.student(x), student_size)] + [(t.name, t.encoder, teacher_size) for t in teachers]
+    models = [("student", lambda x: module.student(x, adaptors=[]), student_size)] + [(t.name, t.encoder, teacher_size) for t in teachers]
     for name, fn, size in models:
         image = torch.rand(1, 3, size, size)
         exact, _ = count_flops(_Wrap(fn), image)

@@ -79,7 +79,7 @@ def fit_config(tmp_path, files, cache=None):
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "logger": False, "enable_progress_bar": False,
                     "enable_checkpointing": False, "default_root_dir": str(tmp_path / "run"), "limit_val_batches": 0},
-        "model": {"student": {"class_path": "distill.student.StudentViT", "init_args": {
+        "model": {"student": {"class_path": "distill.model.StudentModel", "init_args": {
                       "model_name": "vit_small_patch16_224", "summary_names": ["clip", "dino"], "img_size": IMAGE,
                       "model_args": student_args}},
                   "teachers": [{"class_path": "distill.teacher.Teacher", "init_args": {"name": n, "encoder": e}}
@@ -173,9 +173,9 @@ def test_datamodule_with_cache_resumes_exactly(cache_dir):
 def test_module_trains_from_cached_targets_without_teachers(cache_dir, tiny_teacher_files):
     from distill.cache.dataset import collate_cached
     from distill.module import DistillModule
-    from distill.student import StudentViT
+    from distill.model import StudentModel
 
-    student = StudentViT("vit_small_patch16_224", ["clip", "dino"], img_size=IMAGE,
+    student = StudentModel("vit_small_patch16_224", ["clip", "dino"], img_size=IMAGE,
                          model_args={"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2})
     module = DistillModule(student, teachers(tiny_teacher_files), adaptor_hidden_dim=32)
     module.log = lambda *a, **k: None
