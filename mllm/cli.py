@@ -35,6 +35,8 @@ class LlavaCLI(UnitowerCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.lm", "data.tokenizer")
         parser.link_arguments("model.chat_template", "data.chat_template")
+        # the data module needs the tower's tokens per image: handed over once the model is built
+        parser.link_arguments("model", "data.num_image_tokens", compute_fn=tokens_per_image, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
@@ -42,6 +44,11 @@ class LlavaCLI(UnitowerCLI):
         if config.model.init_from and ROOT_PLACEHOLDER in config.model.init_from:
             root = config.trainer.default_root_dir or os.getcwd()
             config.model.init_from = config.model.init_from.replace(ROOT_PLACEHOLDER, str(root))
+
+
+def tokens_per_image(module: LlavaModule) -> int:
+    """Visual tokens per image of the module's tower (what LlavaDataModule reserves in each sequence)."""
+    return module.model.tower.num_tokens
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> LlavaCLI:
