@@ -1,4 +1,4 @@
-"""Entry point: `python -m distill {fit,validate,export} ...` (see distill/cli.py)."""
+"""`python -m distill fit|validate|export ...`: the same as `unitower distill ...` (see distill/cli.py)."""
 
 from distill.cli import main
 

@@ -1,4 +1,4 @@
-"""Entry point: `python -m mllm fit|validate -c X.yaml` or `python -m mllm evaluate --ckpt X` (see mllm/cli.py)."""
+"""`python -m mllm fit|validate|evaluate|export ...`: the same as `unitower llava ...` (see mllm/cli.py)."""
 
 from mllm.cli import main
 

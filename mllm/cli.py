@@ -1,17 +1,21 @@
 """Command line of the LLaVA stages.
 
-    python -m mllm fit -c configs/mllm/toy_clip_align.yaml
-    python -m mllm fit -c configs/mllm/toy_clip_finetune.yaml --model.init_from runs/.../align.ckpt
-    python -m mllm validate -c configs/mllm/toy_clip_finetune.yaml --ckpt_path last.ckpt
-    python -m mllm evaluate --ckpt last.ckpt [--limit 500] [--out results.json]
+    unitower llava fit -c configs/mllm/toy_align.yaml [--model.tower configs/towers/toy_dino.yaml
+        --trainer.default_root_dir runs/mllm/toy_dino]
+    unitower llava fit -c configs/mllm/toy_finetune.yaml --model.init_from runs/.../align.ckpt
+    unitower llava validate -c configs/mllm/toy_finetune.yaml --ckpt_path last.ckpt
+    unitower llava evaluate --ckpt last.ckpt [--limit 500] [--out results.json]
         (image size, padding, template and system prompt come from the checkpoint unless a flag sets them)
-    python -m mllm export --ckpt last.ckpt --out hf_llava/      (transformers LlavaForConditionalGeneration folder)
+    unitower llava export --ckpt last.ckpt --out hf_llava/      (transformers LlavaForConditionalGeneration folder)
+
+`python -m mllm ...` is the same command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from distill.cli import ATOMIC_CHECKPOINTS, UnitowerCLI
@@ -19,13 +23,32 @@ from mllm.datamodule import LlavaDataModule
 from mllm.module import LlavaModule
 
 
+ROOT_PLACEHOLDER = "{default_root_dir}"
+
+
 class LlavaCLI(UnitowerCLI):
     """LightningCLI with the tokenizer and chat template shared by model and data; checkpoint and log
-    folders follow trainer.default_root_dir and checkpoints are written atomically (as in distill)."""
+    folders follow trainer.default_root_dir and checkpoints are written atomically (as in distill).
+    `{default_root_dir}` in model.init_from is replaced by trainer.default_root_dir (the finetune recipes
+    start from `{default_root_dir}/align.ckpt`, so one `--trainer.default_root_dir` moves both stages)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.lm", "data.tokenizer")
         parser.link_arguments("model.chat_template", "data.chat_template")
+        # the data module needs the tower's tokens per image: handed over once the model is built
+        parser.link_arguments("model", "data.num_image_tokens", compute_fn=tokens_per_image, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.model.init_from and ROOT_PLACEHOLDER in config.model.init_from:
+            root = config.trainer.default_root_dir or os.getcwd()
+            config.model.init_from = config.model.init_from.replace(ROOT_PLACEHOLDER, str(root))
+
+
+def tokens_per_image(module: LlavaModule) -> int:
+    """Visual tokens per image of the module's tower (what LlavaDataModule reserves in each sequence)."""
+    return module.model.tower.num_tokens
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> LlavaCLI:
@@ -35,8 +58,8 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> LlavaCLI:
 
 
 def evaluate_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mllm evaluate", description="Score a LLaVA checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by `python -m mllm fit`")
+    parser = argparse.ArgumentParser(prog="unitower llava evaluate", description="Score a LLaVA checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `unitower llava fit`")
     parser.add_argument("--limit", type=int, default=None, help="at most this many questions")
     parser.add_argument("--num-images", type=int, default=100, help="toy held-out images (seed 1000)")
     parser.add_argument("--json", default=None, help="LLaVA JSON with questions instead of the toy world")

@@ -1,8 +1,9 @@
 """LightningDataModule for the LLaVA stages: a training source, an optional validation source, one tokenizer.
 
-    data = LlavaDataModule(train=ToySource(stage="align"), val=ToySource(seed=1000, num_images=100))
+    data = LlavaDataModule(train=ToySource(stage="align"), val=ToySource(seed=1000, num_images=100),
+                           num_image_tokens=module.model.tower.num_tokens)
 
-The number of image tokens per image comes from the model's tower at setup (or `num_image_tokens`).
+The number of image tokens per image is the model's tower's (`unitower llava` links it when it builds both).
 Training batches come from distill's `ResumableLoader`: their position is saved in every checkpoint,
 so `--ckpt_path` continues with the next batch (see distill/data/resumable.py).
 """
@@ -44,7 +45,8 @@ class LlavaDataModule(CountedResumableData):
         image_first: move `<image>` to the front of its turn ("<image>\n" + text), as LLaVA's preprocess_multimodal.
         batch_size: samples per batch.
         num_workers: DataLoader workers.
-        num_image_tokens: tokens per image; None = read from the model's tower at setup.
+        num_image_tokens: visual tokens per image of the model's tower. `unitower llava` sets it from the built
+            model (`model.tower.num_tokens`, a link in mllm/cli.py); elsewhere pass it.
         max_skipped_fraction: stop the run (naming the worst files) once more than this fraction of the
             samples seen, records dropped at load included, was skipped (checked after 100; 1.0 never stops).
         seed: seed of the epoch order; None = the run's `seed_everything` value (0 when there is none).
@@ -88,10 +90,8 @@ class LlavaDataModule(CountedResumableData):
         if self.encoder is not None:
             return
         if self.num_image_tokens is None:
-            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-            if module is None:
-                raise ValueError("LlavaDataModule: set num_image_tokens, or attach it to a Trainer with a LlavaModule.")
-            self.num_image_tokens = module.model.tower.num_tokens
+            raise ValueError("LlavaDataModule: num_image_tokens is not set. `unitower llava` links it from the model's "
+                             "tower; when building the data module yourself pass num_image_tokens=module.model.tower.num_tokens.")
         self.tokenizer = load_tokenizer(self.tokenizer_spec)
         self.encoder = SampleEncoder(self.tokenizer, self.num_image_tokens, self.max_length, self.image_size,
                                      self.chat_template, self.system_prompt, self.pad_to_square, self.pad_color,

@@ -17,7 +17,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 from distill.io import load_weights
 from mllm.loading import load_lm
@@ -83,9 +82,13 @@ class LlavaModule(L.LightningModule):
         super().__init__()
         if stage not in ("align", "finetune"):
             raise ValueError(f"stage='{stage}' is unknown; use 'align' or 'finetune'.")
-        # Under LightningCLI the tower arrives as its config (kept, so load_from_checkpoint can rebuild it);
-        # a tower object passed directly is not a hyper-parameter.
-        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["tower"])
+        # A tower object passed directly is not a hyper-parameter. Built from a config (LightningCLI, or
+        # load_from_checkpoint of a CLI checkpoint), Lightning hands save_hyperparameters that config, marked by
+        # its `_instantiator` entry: then the tower's class_path/init_args are kept so load_from_checkpoint can
+        # rebuild it.
+        self.save_hyperparameters(ignore=["tower"])
+        if "_instantiator" in self.hparams:
+            self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold only trained weights
         language_model = load_lm(lm)
         if gradient_checkpointing:

@@ -64,8 +64,7 @@ class VisionTower(nn.Module):
     def _set_trainable(self, encoders: list[Encoder]) -> None:
         for encoder in encoders:
             if self.trainable:
-                encoder.frozen = False
-                encoder.requires_grad_(True)
+                encoder.unfreeze()
             else:
                 encoder.freeze()
 

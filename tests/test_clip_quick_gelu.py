@@ -20,9 +20,21 @@ import yaml
 from open_clip.transformer import QuickGELU
 
 from distill.encoders import OpenClipEncoder
+from mllm.recipes import read_recipe
+from mllm.study.config import load_study
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-RECIPES = ["distill/radio_b16.yaml", "study/llava15.yaml", "mllm/llava15_clip_align.yaml", "mllm/llava15_clip_finetune.yaml"]
+RECIPES = ["distill/radio_b16.yaml", "study/llava15.yaml", "mllm/llava15_align.yaml", "mllm/llava15_finetune.yaml",
+           "mllm/llava15_finetune_lora.yaml"]
+
+
+def read(recipe: str):
+    """The recipe as a tree, with the tower files it names read in (configs/towers)."""
+    if recipe.startswith("mllm/"):
+        return read_recipe(CONFIGS / recipe)
+    if recipe.startswith("study/"):
+        return [variant.tower for variant in load_study(CONFIGS / recipe).variants]
+    return yaml.safe_load((CONFIGS / recipe).read_text())
 
 
 def clip_encoders(node) -> list[dict]:
@@ -83,7 +95,7 @@ def fake_openai_download(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_clip_is_built_with_quick_gelu(recipe, monkeypatch, tmp_path, fake_openai_download):
-    encoders = clip_encoders(yaml.safe_load((CONFIGS / recipe).read_text()))
+    encoders = clip_encoders(read(recipe))
     assert encoders, f"{recipe} names no OpenClipEncoder"
     for args in encoders:
         args = dict(args)
@@ -96,7 +108,7 @@ def test_recipe_clip_is_built_with_quick_gelu(recipe, monkeypatch, tmp_path, fak
         assert encoder.quick_gelu and activations(encoder) == {QuickGELU}, (recipe, args)
         out = encoder(torch.rand(1, 3, 40, 40))
         assert out.dense.shape == (1, 32, 4, 4)
-    if "pretrained: openai" in (CONFIGS / recipe).read_text():
+    if any(args.get("pretrained") == "openai" for args in encoders):
         assert fake_openai_download and fake_openai_download[0]["quick_gelu"]
 
 

@@ -23,12 +23,12 @@ def parse(name: str):
 
 
 def test_align_recipe_uses_plain_template():
-    config = parse("llava15_clip_align")
+    config = parse("llava15_align")
     assert config.model.chat_template == config.data.chat_template == "plain"
     assert config.model.projector_lr == 1e-3 and config.data.max_length == 2048 and config.data.image_size == 336
 
 
-@pytest.mark.parametrize("name", ["llava15_clip_finetune", "llava15_clip_finetune_lora"])
+@pytest.mark.parametrize("name", ["llava15_finetune", "llava15_finetune_lora"])
 def test_finetune_recipes_use_vicuna_v1_pad_and_image_first(name):
     config = parse(name)
     assert config.data.chat_template == "vicuna_v1"
@@ -37,7 +37,7 @@ def test_finetune_recipes_use_vicuna_v1_pad_and_image_first(name):
 
 
 def test_lora_recipe_is_llavas_finetune_lora():
-    model = parse("llava15_clip_finetune_lora").model
+    model = parse("llava15_finetune_lora").model
     assert (model.lora.r, model.lora.alpha, model.lora.dropout) == (128, 256, 0.05)
     assert model.lora.target_modules == "all-linear"
     assert model.lm_lr == 2e-4 and model.projector_lr == 2e-5 and model.stage == "finetune"

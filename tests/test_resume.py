@@ -22,6 +22,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from distill.data.resumable import GlobalBatchSampler, ResumableLoader, SeededSamples
+from mllm.recipes import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3
@@ -124,7 +125,7 @@ def distill_config(root: Path, ids: Path, workers: int, shards: str | None = Non
 
 def mllm_config(root: Path, ids: Path, workers: int) -> Path:
     """The toy CLIP align recipe, shrunk: 24 images, batch 4 (6 batches an epoch), 12 steps."""
-    cfg = yaml.safe_load((ROOT / "configs/mllm/toy_clip_align.yaml").read_text())
+    cfg = read_recipe(ROOT / "configs/mllm/toy_align.yaml")
     cfg["trainer"] = _trainer(root, ids)
     cfg["data"].update(batch_size=4, num_workers=workers, val=None)
     cfg["data"]["train"]["init_args"]["num_images"] = 24
@@ -135,7 +136,7 @@ def mllm_config(root: Path, ids: Path, workers: int) -> Path:
 
 def mllm_dropout_config(root: Path, ids: Path, workers: int) -> Path:
     """The toy LoRA finetune recipe, shrunk, with LoRA dropout 0.1: training itself draws random numbers."""
-    cfg = yaml.safe_load((ROOT / "configs/mllm/toy_clip_finetune_lora.yaml").read_text())
+    cfg = read_recipe(ROOT / "configs/mllm/toy_finetune_lora.yaml")
     cfg["trainer"] = _trainer(root, ids)
     cfg["model"].update(init_from=None, lora={"r": 4, "alpha": 8, "dropout": 0.1})
     cfg["data"].update(batch_size=4, num_workers=workers, val=None)
@@ -259,7 +260,7 @@ def test_mllm_cli_paths_follow_default_root_dir_and_saves_atomically(tmp_path):
     from distill.checkpoint_io import AtomicCheckpointIO
     from mllm.cli import make_cli
 
-    cfg = yaml.safe_load((ROOT / "configs/mllm/toy_clip_align.yaml").read_text())
+    cfg = read_recipe(ROOT / "configs/mllm/toy_align.yaml")
     cfg["data"]["train"]["init_args"]["num_images"] = 8
     config = tmp_path / "align.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -40,7 +40,9 @@ def test_toy_study_has_towers_and_controls():
 
 def test_bad_study_config_names_the_problem(tmp_path):
     text = (ROOT / "configs/study/toy.yaml").read_text().replace("kind: single", "kind: solo", 1)
-    bad = tmp_path / "bad.yaml"
+    (tmp_path / "towers").symlink_to(ROOT / "configs/towers")  # the study names ../towers/*.yaml
+    (tmp_path / "study").mkdir()
+    bad = tmp_path / "study" / "bad.yaml"
     bad.write_text(text)
     with pytest.raises(ValueError, match="variant 'clip' has kind 'solo'"):
         load_study(bad)
@@ -49,6 +51,16 @@ def test_bad_study_config_names_the_problem(tmp_path):
         load_study(bad)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_study(tmp_path / "nope.yaml")
+    bad.write_text((ROOT / "configs/study/toy.yaml").read_text().replace("towers/toy_sam.yaml", "towers/toy_sma.yaml"))
+    with pytest.raises(FileNotFoundError, match=r"variant 'sam': tower file '../towers/toy_sma.yaml'"):
+        load_study(bad)
+
+
+def test_study_variants_read_the_tower_files():
+    study = load_study(ROOT / "configs/study/toy.yaml")
+    for variant in study.variants:
+        if variant.kind in ("single", "ensemble"):
+            assert variant.tower == yaml.safe_load((ROOT / f"configs/towers/toy_{variant.name}.yaml").read_text())
 
 
 def test_unknown_variant_in_only_is_an_error():

@@ -60,6 +60,12 @@ class Encoder(nn.Module):
         self.frozen = True
         return self.train(False)
 
+    def unfreeze(self) -> "Encoder":
+        """Undo `freeze()`: gradients on, and train()/eval() change the mode again."""
+        self.requires_grad_(True)
+        self.frozen = False
+        return self
+
     def train(self, mode: bool = True) -> "Encoder":
         return super().train(False if self.frozen else mode)
 

@@ -7,15 +7,12 @@ the given texts, and saves both to `out_dir` so that
     AutoModelForCausalLM.from_pretrained(out_dir); AutoTokenizer.from_pretrained(out_dir)
 
 load them. Takes well under a minute on 2 CPU cores. The toy cache builder calls it with the toy
-world's captions and question/answer texts. Run directly for a quick check:
-
-    python -m distill.toy.lm /tmp/toy_lm
+world's captions and question/answer texts (`unitower toy build`).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +22,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from distill.io import write_dir
 from distill.schedule import warmup_cosine
-from distill.toy.world import ToyWorld
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 
@@ -128,14 +124,3 @@ def build_toy_lm(texts: list[str], out_dir: str | Path, steps: int = 300, seed: 
 
     write_dir(out_dir, write)
     return out_dir
-
-
-if __name__ == "__main__":
-    world = ToyWorld(seed=0)
-    corpus = []
-    for i in range(500):
-        sample = world[i]
-        corpus.append(sample.caption)
-        corpus += [f"{qa.question} {qa.answer}" for qa in sample.qa]
-    path = build_toy_lm(corpus, sys.argv[1] if len(sys.argv) > 1 else "/tmp/toy_lm")
-    print(path, (path / "toy_lm.json").read_text())

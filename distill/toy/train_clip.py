@@ -5,13 +5,12 @@ as a folder that open_clip loads with `create_model('local-dir:' + folder)`:
 open_clip_config.json ({"model_cfg", "preprocess_cfg"}) + open_clip_model.safetensors.
 The tokenizer is open_clip's default SimpleTokenizer (its BPE vocab ships inside the package).
 
-    python -m distill.toy.train_clip OUT_DIR [STEPS]    # normally run through `python -m distill.toy build`
+    train_clip(OUT_DIR, steps=STEPS)    # normally run by `unitower toy build`
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import open_clip
@@ -107,7 +106,3 @@ def train_clip(
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss:.3f}")
     return save_clip(model.eval(), out_dir)
-
-
-if __name__ == "__main__":
-    train_clip(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 500)

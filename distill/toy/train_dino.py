@@ -12,14 +12,13 @@ labels); local crops are cut at native resolution (no resampling) so the 2 px st
 Only the student backbone is saved (see the end of train_dino), in timm's local-dir format
 (config.json + model.safetensors) that `timm.create_model('local-dir:' + folder, pretrained=True)` loads.
 
-    python -m distill.toy.train_dino OUT_DIR [STEPS]    # normally run through `python -m distill.toy build`
+    train_dino(OUT_DIR, steps=STEPS)    # normally run by `unitower toy build`
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import sys
 from pathlib import Path
 
 import timm
@@ -258,7 +257,3 @@ def train_dino(
     # In full DINO the EMA teacher is the better network; in these short runs it lags the student
     # (held-out k-NN texture 0.61 vs 0.70), so the student backbone is the one saved.
     return save_dino(student.backbone.eval(), out_dir)
-
-
-if __name__ == "__main__":
-    train_dino(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 300)

@@ -6,12 +6,11 @@ decoder with BCE + dice against the instance mask, plus the IoU head against the
 does, single-mask output). Saved as a plain state-dict .pth (the official SAM checkpoint format) that
 `distill.encoders.sam.build_sam('tiny', path)` loads.
 
-    python -m distill.toy.train_sam OUT_FILE.pth [STEPS]   # normally run through `python -m distill.toy build`
+    train_sam(OUT_FILE.pth, steps=STEPS)   # normally run by `unitower toy build`
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -179,7 +178,3 @@ def train_sam(
                               optimizer, schedule, max_norm=1.0)
         bar.set_postfix(loss=f"{loss:.3f}")
     return save_sam(sam.eval(), out_file)
-
-
-if __name__ == "__main__":
-    train_sam(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 400)

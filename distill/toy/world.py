@@ -17,7 +17,7 @@ Seeds: training data uses seed 0 (`TRAIN_SEED`), held-out evaluation uses seed 1
     from distill.toy.world import ToyWorld
     sample = ToyWorld(seed=0)[12]   # .image (PIL RGB 64x64), .objects, .masks, .caption, .qa
 
-Run `python -m distill.toy.world` to print a few samples.
+`unitower toy export OUT --count N` writes samples (images, captions, QA) to look at.
 """
 
 from __future__ import annotations
@@ -282,12 +282,3 @@ def sample_pool(seed: int, count: int, image_size: int = 64, max_objects: int = 
     samples = [world[i] for i in range(count)]
     images = np.stack([np.asarray(s.image) for s in samples]) if samples else np.zeros((0, image_size, image_size, 3), np.uint8)
     return images, samples
-
-
-if __name__ == "__main__":
-    toy = ToyWorld(seed=TRAIN_SEED)
-    for i in range(3):
-        s = toy[i]
-        print(i, s.caption, [(o.name, o.texture, o.size, round(o.x, 2), round(o.y, 2)) for o in s.objects])
-        for q in s.qa:
-            print("   ", q.kind, "|", q.question, "->", q.answer)

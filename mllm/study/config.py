@@ -11,6 +11,8 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from mllm.recipes import read_tower
+
 STUDENT_PLACEHOLDER = "{student}"
 KINDS = ("single", "ensemble", "student", "control")
 CONTROLS = ("blind", "oracle")
@@ -23,15 +25,17 @@ class Variant:
     Args:
         name: row name in the table (e.g. ``clip``, ``ensemble_all``, ``student``).
         kind: ``single``, ``ensemble``, ``student`` or ``control`` (no tower: see ``control``).
-        tower: the tower as a class_path/init_args dict (as in configs/mllm); in a student tower the
-            path ``{student}`` is replaced by the distilled student's export folder. Empty for controls.
+        tower: the tower: a tower YAML file (configs/towers/*.yaml; a relative path is relative to the study
+            file, as jsonargparse reads paths inside a config) or an inline class_path/init_args dict; in a
+            student tower the path ``{student}`` is replaced by the distilled student's export folder. Empty
+            for controls.
         control: for kind ``control``: ``blind`` (constant tokens: no image information) or ``oracle``
             (tokens built from the toy generator's ground truth: perfect perception).
     """
 
     name: str
     kind: str
-    tower: dict = field(default_factory=dict)
+    tower: dict | str = field(default_factory=dict)
     control: str | None = None
 
 
@@ -112,7 +116,7 @@ def load_study(path: str | Path) -> Study:
     cfg = parser.instantiate_classes(parser.parse_path(path))
     study = Study(**{k: v for k, v in vars(cfg).items() if not k.startswith("__")})
     for variant in study.variants:  # nested tower configs may come back as jsonargparse Namespaces
-        variant.tower = _plain(variant.tower)
+        variant.tower = _plain(read_tower(variant.tower, Path(path).parent, f"{path}: variant {variant.name!r}"))
     names = [v.name for v in study.variants]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: variant names must be unique, got {names}")
