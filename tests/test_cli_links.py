@@ -9,14 +9,14 @@ import warnings
 import pytest
 import torch
 import yaml
+from llava_configs import cli_trainer, timm_tower
+from tiny_llava import tiny_llava_records, write_llava_json, write_tiny_lm
+from tiny_teachers import write_timm_dir
 
 from distill.encoders import TimmEncoder
-from distill.encoders.tiny import write_timm_dir
-from llava_configs import cli_trainer, timm_tower
 from mllm.cli import make_cli
 from mllm.datamodule import LlavaDataModule
 from mllm.module import LlavaModule
-from mllm.tiny import tiny_llava_records, write_llava_json, write_tiny_lm
 from mllm.towers import SingleEncoderTower
 
 
