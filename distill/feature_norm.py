@@ -22,7 +22,29 @@ import torch
 from torch import nn
 
 
-class ChannelStandardizer(nn.Module):
+class FixedNormalizer(nn.Module):
+    """Base of the fixed dense-feature maps: `count` (feature vectors seen at calibration; 0 = not fitted) and the
+    input check shared by every `statistics`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.count > 0)
+
+    def _channels_by_vectors(self, dense: torch.Tensor) -> torch.Tensor:
+        """Dense features [B, C, h, w] -> float64 [C, B*h*w], or an error naming the expected shape."""
+        if dense.ndim != 4 or dense.shape[1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__}(dim={self.dim}) expects dense features [B, {self.dim}, h, w]; got {tuple(dense.shape)}."
+            )
+        return dense.detach().double().transpose(0, 1).flatten(1)
+
+
+class ChannelStandardizer(FixedNormalizer):
     """Per-channel mean / std standardization (buffers `mean`, `std`, `count` = feature vectors seen).
 
     Args:
@@ -30,22 +52,14 @@ class ChannelStandardizer(nn.Module):
     """
 
     def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
+        super().__init__(dim)
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-
-    @property
-    def fitted(self) -> bool:
-        return bool(self.count > 0)
 
     @torch.no_grad()
     def statistics(self, dense: torch.Tensor) -> torch.Tensor:
         """Additive sufficient statistics of one batch [B, C, h, w]: float64 [n, sum_c..., sum of squares_c...]."""
-        if dense.ndim != 4 or dense.shape[1] != self.dim:
-            raise ValueError(f"ChannelStandardizer(dim={self.dim}) expects dense features [B, {self.dim}, h, w]; got {tuple(dense.shape)}.")
-        flat = dense.detach().double().transpose(0, 1).flatten(1)  # [C, B*h*w]
+        flat = self._channels_by_vectors(dense)
         count = flat.new_tensor([flat.shape[1]])
         return torch.cat([count, flat.sum(1), flat.square().sum(1)])
 
@@ -110,7 +124,7 @@ def _paley(q: int) -> torch.Tensor:
     return skew + torch.eye(q + 1, dtype=torch.float64)
 
 
-class PhiS(nn.Module):
+class PhiS(FixedNormalizer):
     """PHI-S (Ranzinger et al. 2024, RADIOv2.5): PCA-Hadamard isotropic standardization of a teacher's features.
 
     With mean mu and covariance U diag(lambda) U^T of the calibration features, y = H U^T (x - mu) / alpha,
@@ -124,24 +138,16 @@ class PhiS(nn.Module):
     """
 
     def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
+        super().__init__(dim)
         self.hadamard = hadamard(dim) / dim**0.5  # fail at construction, not after calibration
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("transform", torch.eye(dim))
         self.register_buffer("inverse_transform", torch.eye(dim))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-
-    @property
-    def fitted(self) -> bool:
-        return bool(self.count > 0)
 
     @torch.no_grad()
     def statistics(self, dense: torch.Tensor) -> torch.Tensor:
         """Additive statistics of one batch [B, C, h, w]: float64 [n, sum_c..., sum of outer products (C*C)...]."""
-        if dense.ndim != 4 or dense.shape[1] != self.dim:
-            raise ValueError(f"PhiS(dim={self.dim}) expects dense features [B, {self.dim}, h, w]; got {tuple(dense.shape)}.")
-        flat = dense.detach().double().transpose(0, 1).flatten(1)  # [C, N]
+        flat = self._channels_by_vectors(dense)  # [C, N]
         return torch.cat([flat.new_tensor([flat.shape[1]]), flat.sum(1), (flat @ flat.T).flatten()])
 
     @torch.no_grad()
