@@ -19,6 +19,7 @@ import os
 import sys
 
 from distill.cli import ATOMIC_CHECKPOINTS, UnitowerCLI
+from distill.toy.world import HELDOUT_SEED
 from mllm.datamodule import LlavaDataModule
 from mllm.module import LlavaModule
 
@@ -61,7 +62,7 @@ def evaluate_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="unitower llava evaluate", description="Score a LLaVA checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `unitower llava fit`")
     parser.add_argument("--limit", type=int, default=None, help="at most this many questions")
-    parser.add_argument("--num-images", type=int, default=100, help="toy held-out images (seed 1000)")
+    parser.add_argument("--num-images", type=int, default=100, help=f"toy held-out images (seed {HELDOUT_SEED})")
     parser.add_argument("--json", default=None, help="LLaVA JSON with questions instead of the toy world")
     parser.add_argument("--image-folder", default=None, help="images of --json")
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's training image size")

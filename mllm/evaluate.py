@@ -3,7 +3,7 @@
     python -m mllm evaluate --ckpt runs/mllm/toy_clip/finetune.ckpt --out results.json
     results = evaluate_checkpoint("last.ckpt")                  # from Python (compare script)
 
-Default questions: the toy world's held-out images (seed 1000), all their QA pairs.
+Default questions: the toy world's held-out images (seed HELDOUT_SEED), all their QA pairs.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def evaluate_checkpoint(
     """Load a `python -m mllm fit` checkpoint, answer `source`'s eval questions, return (and write) metrics.
 
     ckpt_path: a LlavaModule checkpoint written by the CLI (its hyper-parameters rebuild the tower and LM).
-    source: evaluation questions; None = the toy world's held-out images, ToySource(seed=1000, num_images,
+    source: evaluation questions; None = the toy world's held-out images, ToySource(seed=HELDOUT_SEED, num_images,
         stage="finetune") at the evaluation image size.
     limit: evaluate at most this many questions.
     image_size, pad_to_square, pad_color, chat_template, system_prompt: None = as the checkpoint was trained (its

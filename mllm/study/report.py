@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from distill.io import atomic_write
+from distill.toy.world import HELDOUT_SEED
 from mllm.study.stats import ALPHA, accuracy_ci, holm, paired_difference, tost
 
 KINDS = ("color", "texture", "size", "fusion")
@@ -171,7 +172,7 @@ def header(study, budget, smoke: bool, seconds: float | None) -> str:
                 f"{budget.train_images} training images (toy world, at most {study.max_objects} object(s) per image), "
                 f"seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every tower (the student's too), tokens "
                 f"standardized per channel. Scored: every question kind for every object of {budget.eval_images} "
-                "held-out images (seed 1000), answered by ranking the candidate answers' likelihood (sum of "
+                f"held-out images (seed {HELDOUT_SEED}), answered by ranking the candidate answers' likelihood (sum of "
                 "answer-token log-probs).")
     return "\n".join([
         "# unitower baseline study" + (" (smoke)" if smoke else ""),
