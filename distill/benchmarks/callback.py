@@ -23,6 +23,7 @@ Only global rank 0 scores.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -135,6 +136,7 @@ class EncoderBenchmarks(L.Callback):
     # ---- scoring ------------------------------------------------------------------------------------------
     def score(self, pl_module: L.LightningModule) -> dict[str, float]:
         """Every probe's score for the student now and for the teachers (computed once); also kept in `last_scores`."""
+        start = time.perf_counter()
         teachers = self._teachers(pl_module)
         student = pl_module.student
         device = pl_module.device
@@ -151,7 +153,7 @@ class EncoderBenchmarks(L.Callback):
             student.train(was_training)
         scores.update(self.teacher_scores)
         self.last_scores = dict(sorted(scores.items()))
-        rank_zero_info(f"[bench] step {pl_module.global_step}: " + ", ".join(
+        rank_zero_info(f"[bench] step {pl_module.global_step} ({time.perf_counter() - start:.1f} s): " + ", ".join(
             f"{key.removeprefix('bench/')} {value:.3f}" for key, value in self.last_scores.items()))
         return self.last_scores
 
