@@ -240,10 +240,19 @@ KEYS += [f"bench/{probe}/{who}" for probe in ("zeroshot_color", "zeroshot_shape"
 KEYS += ["bench/sam_miou/student", "bench/sam_miou/sam"]
 
 
-def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path):
-    """configs/distill/toy.yaml (smoke toy teachers) for 2 steps with a small benchmark: every key is logged at the
-    start (step 0) and at the validation after step 2."""
+def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path, monkeypatch):
+    """configs/distill/toy.yaml (smoke toy teachers, dense_loss mse) for 2 steps with a small benchmark: every key is
+    logged at the start (step 0, after the mse calibration) and at the validation after step 2."""
     from distill.cli import lightning_cli
+
+    calibrated = []
+    score = EncoderBenchmarks.score
+
+    def recording_score(self, pl_module):
+        calibrated.append(all(norm.fitted for norm in pl_module.dense_norm.values()))
+        return score(self, pl_module)
+
+    monkeypatch.setattr(EncoderBenchmarks, "score", recording_score)
 
     config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "distill", "toy.yaml")))
     bench = [c for c in config["trainer"]["callbacks"] if c["class_path"] == "distill.benchmarks.EncoderBenchmarks"]
@@ -253,13 +262,14 @@ def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path):
                              callbacks=[{"class_path": "distill.benchmarks.EncoderBenchmarks",
                                          "init_args": {"num_bank": 40, "num_query": 20, "num_mask_images": 6}}])
     config["model"]["student"]["init_args"]["model_args"] = STUDENT_ARGS
-    config["model"]["warmup_steps"] = 1
+    config["model"].update(warmup_steps=1, dense_loss="mse", calibration_batches=1)
     config["data"].update(batch_size=4, num_workers=0)
     config["data"]["val"]["init_args"]["length"] = 4
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = lightning_cli(["fit", "-c", str(path)])
     assert cli.trainer.global_step == 2
+    assert calibrated == [True, True]  # scored at the start (with fitted normalizers) and at the one validation
     metrics = cli.trainer.callback_metrics
     assert sorted(k for k in metrics if k.startswith("bench/")) == sorted(KEYS)
     assert all(0.0 <= float(metrics[k]) <= 1.0 for k in KEYS)
@@ -268,3 +278,19 @@ def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path):
     assert start and all(start[0][k] != "" for k in KEYS)  # the at_start row: student before any step
     end = [r for r in rows if r.get("bench/knn_texture/student") and r["step"] != "0"]
     assert end and all(end[-1][k] != "" for k in KEYS)
+
+
+def test_callback_on_a_labelled_folder(tiny_teacher_files, tmp_path):
+    """knn + zeroshot on an ImageFolder layout with the tiny teachers: keys named after the folder's `class`."""
+    _write_folder(tmp_path, {"red_fox": (255, 0, 0), "blue_jay": (0, 0, 255), "green_frog": (0, 255, 0)}, count=6)
+    teachers = [Teacher("clip", OpenClipEncoder(f"local-dir:{tiny_teacher_files['clip']}")),
+                Teacher("dino", TimmEncoder(f"local-dir:{tiny_teacher_files['dino']}", crop_pct=1.0))]
+    bench = EncoderBenchmarks(probes=["knn", "zeroshot"], labelled_folder=str(tmp_path), num_bank=12, num_query=6,
+                              image_size=32, knn_k=1)
+    scores = bench.score(_module(teachers))
+    assert sorted(scores) == sorted([f"bench/knn_class/{w}" for w in ("student", "student_pooled", "student_dino", "dino")]
+                                    + ["bench/zeroshot_class/student", "bench/zeroshot_class/clip"])
+    # solid colours: every image of a class has the same features, so the nearest bank image has the query's class
+    assert set(bench.probe_set.query.labels["class"]) <= set(bench.probe_set.bank.labels["class"])
+    assert scores["bench/knn_class/dino"] == scores["bench/knn_class/student"] == 1.0
+    assert bench.probe_set.prompts == ["a photo of a blue jay.", "a photo of a green frog.", "a photo of a red fox."]

@@ -108,6 +108,7 @@ class EncoderBenchmarks(L.Callback):
         self.image_size, self.knn_k, self.batch_size, self.seed = image_size, knn_k, batch_size, seed
         self.knn_teacher, self.clip_teacher, self.sam_teacher = knn_teacher, clip_teacher, sam_teacher
         self.validations = 0
+        self.started = False
         self.probe_set: ProbeSet | None = None
         self.teacher_scores: dict[str, float] | None = None
         self.text_features: torch.Tensor | None = None
@@ -118,11 +119,17 @@ class EncoderBenchmarks(L.Callback):
         self._teachers(pl_module)  # fail at the start of the run, not at the first validation
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.at_start or not trainer.is_global_zero:
+        self.started = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        # at the first batch, not in on_train_start: the module's on_train_start (mse calibration) has run by then
+        if self.started or not self.at_start:
             return
-        scores = self.score(pl_module)
-        for logger in trainer.loggers:
-            logger.log_metrics(scores, step=trainer.global_step)
+        self.started = True
+        if trainer.is_global_zero:
+            scores = self.score(pl_module)
+            for logger in trainer.loggers:
+                logger.log_metrics(scores, step=trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
