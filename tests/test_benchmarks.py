@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,7 +255,7 @@ def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path, monkey
 
     monkeypatch.setattr(EncoderBenchmarks, "score", recording_score)
 
-    config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "distill", "toy.yaml")))
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "distill" / "toy.yaml").read_text())
     bench = [c for c in config["trainer"]["callbacks"] if c["class_path"] == "distill.benchmarks.EncoderBenchmarks"]
     assert bench and bench[0]["init_args"]["probes"] == ["knn", "zeroshot", "sam_miou"]  # the recipe has it
     config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, default_root_dir=str(tmp_path),
@@ -273,7 +274,7 @@ def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path, monkey
     metrics = cli.trainer.callback_metrics
     assert sorted(k for k in metrics if k.startswith("bench/")) == sorted(KEYS)
     assert all(0.0 <= float(metrics[k]) <= 1.0 for k in KEYS)
-    rows = list(csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()))
     start = [r for r in rows if r["step"] == "0" and r.get("bench/sam_miou/sam")]
     assert start and all(start[0][k] != "" for k in KEYS)  # the at_start row: student before any step
     end = [r for r in rows if r.get("bench/knn_texture/student") and r["step"] != "0"]
