@@ -70,6 +70,8 @@ class OpenClipEncoder(Encoder):
         pretrained = resolve_path(pretrained)
         model = _create_open_clip(model_name, pretrained, image_size, quick_gelu)
         self.visual = model.visual
+        self.model_name = model_name
+        self._clip = (model,)  # a tuple, not a submodule: the text tower stays out of parameters / state dict
         self.quick_gelu = any(isinstance(m, QuickGELU) for m in self.visual.modules())
         self.preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
         size = self.preprocess_cfg["size"]
@@ -79,6 +81,15 @@ class OpenClipEncoder(Encoder):
         if not -num_blocks <= layer < num_blocks:
             raise ValueError(f"OpenClipEncoder('{model_name}'): layer={layer} is outside its {num_blocks} blocks.")
         self.patch_size, self.dense_dim, self.summary_dim = self._probe_dims()
+
+    def clip_model(self) -> torch.nn.Module:
+        """The whole open_clip model this image tower belongs to (`encode_text` for zero-shot probes). Not a
+        submodule: its text tower is outside this encoder's parameters, state dict and `.to()`."""
+        return self._clip[0]
+
+    def tokenizer(self):
+        """open_clip's tokenizer for this model (`open_clip.get_tokenizer` of its name)."""
+        return open_clip.get_tokenizer(self.model_name)
 
     @torch.no_grad()
     def _probe_dims(self) -> tuple[int, int, int | None]:

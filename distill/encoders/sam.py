@@ -122,6 +122,7 @@ class SamEncoder(Encoder):
         self.chunk_size = chunk_size
         sam = build_sam(variant, checkpoint)
         self.image_encoder: ImageEncoderViT = sam.image_encoder
+        self._sam = (sam,)  # a tuple, not a submodule: prompt encoder + mask decoder stay out of the state dict
         self.register_buffer("pixel_mean", sam.pixel_mean.clone(), persistent=False)
         self.register_buffer("pixel_std", sam.pixel_std.clone(), persistent=False)
         depth = len(self.image_encoder.blocks)
@@ -134,6 +135,11 @@ class SamEncoder(Encoder):
         self.summary_dim = None
         embed_dim = self.image_encoder.patch_embed.proj.out_channels
         self.dense_dim = self.image_encoder.neck[0].out_channels if layer == -1 else embed_dim
+
+    def sam_model(self) -> Sam:
+        """The whole segment_anything Sam this image encoder belongs to (prompt encoder + mask decoder for mask
+        probes). Not a submodule: those are outside this encoder's parameters, state dict and `.to()`."""
+        return self._sam[0]
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of an image of that size after ResizeLongestSide(img_size)."""

@@ -8,7 +8,9 @@
   nearest to the centroid).
 
 Each teacher is loaded from its checkpoint through its library's own loader; the untrained baseline is
-the same architecture with random weights.
+the same architecture with random weights. The scores come from distill/encoders/probes.py, which the
+in-training benchmarks of the student (distill/benchmarks/) share; `color_shape_prompts` and `object_labels`
+are the toy world's prompts and labels for both.
 
     python -m distill.toy report [--cache DIR]
 """
@@ -21,61 +23,56 @@ import numpy as np
 import open_clip
 import timm
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from distill.encoders.probes import knn_accuracy, point_miou, zero_shot_accuracy
 from distill.encoders.resize import normalize
 from distill.encoders.sam import build_sam
 from distill.toy.train_clip import build_clip, normalize_clip
 from distill.toy.train_dino import build_dino_vit
-from distill.toy.train_sam import mask_iou, point_prompts, predict_masks, sam_pixels
-from distill.toy.world import COLORS, HELDOUT_SEED, SHAPES, TEXTURES, TRAIN_SEED, sample_pool
+from distill.toy.train_sam import sam_pixels
+from distill.toy.world import COLORS, HELDOUT_SEED, SHAPES, TEXTURES, TRAIN_SEED, ToySample, sample_pool
+
+
+def color_shape_prompts() -> tuple[list[str], dict[str, list[str]]]:
+    """The toy zero-shot prompts "a {color} {shape}." for every pair, and {attribute: the class each prompt names}
+    for 'color' and 'shape' (the arg-max over all prompts answers both)."""
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    return [f"a {c} {s}." for c, s in pairs], {"color": [c for c, _ in pairs], "shape": [s for _, s in pairs]}
+
+
+def object_labels(samples: list[ToySample], attribute: str) -> list[str]:
+    """The `attribute` (color, shape, texture, size) of each single-object sample's object."""
+    return [getattr(s.objects[0], attribute) for s in samples]
 
 
 @torch.inference_mode()
 def clip_zero_shot(model: open_clip.CLIP, tokenizer, num_images: int = 500) -> dict[str, float]:
     """Zero-shot color and shape accuracy of an open_clip model on held-out single-object images."""
     images, samples = sample_pool(HELDOUT_SEED, num_images, max_objects=1)
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
-    text = model.encode_text(tokenizer([f"a {c} {s}." for c, s in pairs]), normalize=True)
-    image = torch.cat([model.encode_image(normalize_clip(chunk), normalize=True) for chunk in torch.from_numpy(images).split(256)])
-    best = (image @ text.T).argmax(dim=1).tolist()
-    color = np.mean([pairs[b][0] == s.objects[0].color for b, s in zip(best, samples)])
-    shape = np.mean([pairs[b][1] == s.objects[0].shape for b, s in zip(best, samples)])
-    return {"color_acc": float(color), "shape_acc": float(shape)}
+    prompts, prompt_classes = color_shape_prompts()
+    text = model.encode_text(tokenizer(prompts))
+    image = torch.cat([model.encode_image(normalize_clip(chunk)) for chunk in torch.from_numpy(images).split(256)])
+    return {f"{attribute}_acc": zero_shot_accuracy(image, text, prompt_classes[attribute], object_labels(samples, attribute))
+            for attribute in ("color", "shape")}
 
 
 @torch.inference_mode()
 def _cls_features(backbone: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     pixels = normalize(pixels, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    feats = torch.cat([backbone.forward_features(chunk)[:, 0] for chunk in pixels.split(256)])
-    return F.normalize(feats, dim=-1)
-
-
-def knn_accuracy(bank: torch.Tensor, bank_labels: list[str], query: torch.Tensor, query_labels: list[str], k: int = 10) -> float:
-    """Accuracy of a cosine k-NN majority vote (features already L2-normalized)."""
-    classes = sorted(set(bank_labels))
-    bank_ids = torch.tensor([classes.index(label) for label in bank_labels])
-    top = (query @ bank.T).topk(k, dim=1).indices
-    votes = F.one_hot(bank_ids[top], len(classes)).sum(dim=1)
-    predicted = [classes[i] for i in votes.argmax(dim=1).tolist()]
-    return float(np.mean([p == t for p, t in zip(predicted, query_labels)]))
+    return torch.cat([backbone.forward_features(chunk)[:, 0] for chunk in pixels.split(256)])
 
 
 def dino_knn(backbone: torch.nn.Module, num_bank: int = 1000, num_query: int = 500) -> dict[str, float]:
-    """k-NN shape and texture accuracy of a ViT's CLS features on single-object images."""
+    """k-NN (k=10, cosine) shape and texture accuracy of a ViT's CLS features on single-object images."""
     bank_images, bank_samples = sample_pool(TRAIN_SEED, num_bank, max_objects=1)
     query_images, query_samples = sample_pool(HELDOUT_SEED, num_query, max_objects=1)
     bank, query = _cls_features(backbone, bank_images), _cls_features(backbone, query_images)
-    result = {}
-    for attribute in ("shape", "texture"):
-        result[f"{attribute}_acc"] = knn_accuracy(
-            bank, [getattr(s.objects[0], attribute) for s in bank_samples],
-            query, [getattr(s.objects[0], attribute) for s in query_samples],
-        )
-    return result
+    return {f"{attribute}_acc": knn_accuracy(bank, object_labels(bank_samples, attribute), query,
+                                             object_labels(query_samples, attribute), k=10)
+            for attribute in ("shape", "texture")}
 
 
 @torch.inference_mode()
@@ -83,12 +80,7 @@ def sam_point_miou(sam: Sam, num_images: int = 200) -> dict[str, float]:
     """Mean IoU of single-mask predictions from one point per object on held-out images."""
     images, samples = sample_pool(HELDOUT_SEED, num_images)
     embeddings = torch.cat([sam.image_encoder(sam_pixels(sam, chunk)) for chunk in torch.from_numpy(images).split(64)])
-    ious = []
-    for b, sample in enumerate(samples):
-        masks = torch.from_numpy(sample.masks)
-        logits, _ = predict_masks(sam, embeddings[b : b + 1], points=point_prompts(masks, None))
-        ious.append(mask_iou(logits > sam.mask_threshold, masks))
-    return {"point_miou": float(torch.cat(ious).mean())}
+    return {"point_miou": point_miou(sam, embeddings, [torch.from_numpy(s.masks) for s in samples])}
 
 
 def skill_report(paths: dict[str, Path], seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
+from distill.encoders.probes import mask_iou, point_prompts, predict_masks  # noqa: F401 (re-exported)
 from distill.encoders.sam import build_sam
 from distill.io import atomic_write
 from distill.toy.training import optimizer_step, toy_schedule
@@ -29,21 +30,6 @@ def sam_pixels(sam: Sam, images_uint8: torch.Tensor) -> torch.Tensor:
     return sam.preprocess(images_uint8.permute(0, 3, 1, 2).float())
 
 
-def point_prompts(masks: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One (x, y) pixel per mask [N,H,W] -> [N,1,2]: random inside the mask, or (generator None) the
-    mask pixel nearest to the mask's centroid (a deterministic 'click on the object')."""
-    points = []
-    for mask in masks:
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        if generator is None:
-            cy, cx = ys.float().mean(), xs.float().mean()
-            pick = ((ys - cy) ** 2 + (xs - cx) ** 2).argmin()
-        else:
-            pick = torch.randint(len(ys), (1,), generator=generator)[0]
-        points.append(torch.stack([xs[pick], ys[pick]]).float())
-    return torch.stack(points).unsqueeze(1)
-
-
 def box_prompts(masks: torch.Tensor, generator: torch.Generator, jitter: float = 2.0) -> torch.Tensor:
     """Boxes (x0, y0, x1, y1) of masks [N,H,W] -> [N,4], each side moved by up to `jitter` pixels."""
     boxes = []
@@ -52,29 +38,6 @@ def box_prompts(masks: torch.Tensor, generator: torch.Generator, jitter: float =
         boxes.append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float())
     boxes = torch.stack(boxes)
     return boxes + (torch.rand(boxes.shape, generator=generator) * 2 - 1) * jitter
-
-
-def predict_masks(
-    sam: Sam, embedding: torch.Tensor, points: torch.Tensor | None = None, boxes: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask logits [N,H,W] at the input size and predicted IoU [N] for N prompts on ONE image embedding
-    [1,C,h,w] (points [N,1,2] in pixels, positive label; or boxes [N,4])."""
-    point_input = None if points is None else (points, torch.ones(points.shape[:2], dtype=torch.int))
-    sparse, dense = sam.prompt_encoder(points=point_input, boxes=boxes, masks=None)
-    low_res, iou = sam.mask_decoder(
-        image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-    )
-    size = sam.image_encoder.img_size
-    logits = sam.postprocess_masks(low_res, (size, size), (size, size))
-    return logits[:, 0], iou[:, 0]
-
-
-def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU per mask of boolean [N,H,W] tensors -> [N]."""
-    inter = (pred & target).flatten(1).sum(1).float()
-    union = (pred | target).flatten(1).sum(1).float()
-    return inter / union.clamp(min=1)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
