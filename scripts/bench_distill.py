@@ -2,7 +2,6 @@
 
     PYTHONPATH=$PWD python scripts/bench_distill.py --quick          # smoke run: ~2 minutes on a 2-core CPU
     PYTHONPATH=$PWD python scripts/bench_distill.py                  # student ViT-S/16 @224, CLIP ViT-B/16 + DINOv2-S @224, batch 4
-    PYTHONPATH=$PWD python scripts/bench_distill.py --cache-report distill.cache_bench:report   # plug in the cache's numbers
 
 Prints the CPU model and flags, the precision `auto` chooses here (and why), then times interleaved repetitions
 (median and range, seconds per step) of:
@@ -14,27 +13,30 @@ Prints the CPU model and flags, the precision `auto` chooses here (and why), the
 and the ratios online / naive (goal <= 0.67), online / online_fp32 (never > 1), cached / student_only (goal <= 1.15).
 Then exact FLOPs per model (mllm.study.cost.count_flops vs torch's plain counter), SAM's per-image time at
 batch 1 vs 4 (whole batch vs chunks of 1, as SamEncoder runs it on CPU), and the teacher-feature cache's
-bytes per image vs Theia's bf16 layout with its reconstruction cosine when `--cache-report` names a function.
+bytes per image vs Theia's bf16 layout with its held-out reconstruction cosine (distill.cache.measure).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
 from functools import partial
 from typing import Callable
 
+import numpy as np
 import torch
 
 from distill import losses
+from distill.cache.measure import cache_report as measure_cache
+from distill.cache.measure import format_report
 from distill.encoders import OpenClipEncoder, TimmEncoder
 from distill.model import StudentModel
 from distill.module import DistillModule
 from distill.precision import BF16_CPU_FLAGS, choose_precision, cpu_info
 from distill.teacher import Teacher
+from distill.toy.world import HELDOUT_SEED, ToyWorld
 from mllm.study.cost import count_flops
 
 INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8", "fma")
@@ -220,33 +222,22 @@ def sam_batch_growth(size: int, depth: int, reps: int) -> None:
             f"{1000 * max(values):.0f})")
 
 
-def theia_bytes_per_image(teachers: list[Teacher], images: torch.Tensor) -> int:
-    """Bytes per image of Theia's layout: every teacher output stored in bf16 (2 bytes per value)."""
-    total = 0
-    for teacher in teachers:
-        out = teacher.targets(images[:1])
-        total += 2 * (out.dense.numel() + (out.summary.numel() if out.summary is not None else 0))
-    return total
+def cache_images(count: int, size: int) -> torch.Tensor:
+    """`count` held-out toy-world images at `size` px in [0, 1]: structured pictures (objects on a noisy
+    background), not noise, so the teachers' features have a spectrum to compress."""
+    world = ToyWorld(seed=HELDOUT_SEED, image_size=size)
+    return torch.stack([torch.from_numpy(np.array(world[i].image)).permute(2, 0, 1) for i in range(count)]).float() / 255
 
 
-def cache_report(spec: str | None, teachers: list[Teacher], images: torch.Tensor) -> None:
-    """CACHE REPORT (helper S5's teacher-feature cache plugs in here).
-
-    `spec` names "module:function"; the function is called as fn(teachers, images) and returns a dict with
-    at least "bytes_per_image" (the compressed cache) and optionally "cosine_<teacher>" entries (reconstruction
-    cosine against the teacher's own features); everything it returns is printed."""
-    theia = theia_bytes_per_image(teachers, images)
-    log(f"\nteacher-feature cache: Theia bf16 layout {theia / 1024:.1f} KiB per image for "
-        f"{'+'.join(t.name for t in teachers)} at these sizes")
-    if not spec:
-        log("  (no --cache-report function given: cache bytes per image and reconstruction cosine not measured)")
+def cache_section(count: int, teachers: list[Teacher], size: int) -> None:
+    """The teacher-feature cache's bytes per image vs Theia's bf16 layout and its held-out reconstruction cosine
+    (distill.cache.measure: codecs fitted on half of `count` images, measured on the other half)."""
+    if count < 2:
+        log("\nteacher-feature cache: skipped (--cache-images < 2)")
         return
-    module_name, _, fn_name = spec.partition(":")
-    report = getattr(importlib.import_module(module_name), fn_name)(teachers, images)
-    for key, value in report.items():
-        log(f"  {key}: {value}")
-    if "bytes_per_image" in report:
-        log(f"  cache / Theia bytes per image: {report['bytes_per_image'] / theia:.3f} (goal <= 0.2)")
+    log(f"\nteacher-feature cache ({count} toy images at {size} px; PCA fitted on half, cosines on the other half; "
+        "goal: bytes <= 0.2 x Theia, cosine >= 0.99):")
+    log(format_report(measure_cache(teachers, cache_images(count, size))))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -263,12 +254,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sam-size", type=int, default=None, help="SAM encoder px (default 1024, --quick 256; 0 skips)")
     parser.add_argument("--sam-depth", type=int, default=None, help="SAM encoder blocks (default 2: one windowed, one global)")
     parser.add_argument("--compile", action="store_true", help="also time the online step with torch.compile'd teachers")
-    parser.add_argument("--cache-report", default=None, metavar="MODULE:FUNCTION",
-                        help="fn(teachers, images) -> {'bytes_per_image': ..., 'cosine_<teacher>': ...}")
+    parser.add_argument("--cache-images", type=int, default=None,
+                        help="images for the teacher-cache bytes/cosine report (default 32, --quick 8; 0 skips)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"size": 96 if quick else 224, "teacher_size": 112 if quick else 224, "batch": 1 if quick else 4,
-                "reps": 2 if quick else 5, "sam_size": 256 if quick else 1024, "sam_depth": 2}
+                "reps": 2 if quick else 5, "sam_size": 256 if quick else 1024, "sam_depth": 2,
+                "cache_images": 8 if quick else 32}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -306,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     flops_table(module, teachers, args.size, args.teacher_size)
     if args.sam_size:
         sam_batch_growth(args.sam_size, args.sam_depth, 1 if args.quick or args.sam_size >= 1024 else 2)
-    cache_report(args.cache_report, teachers, images)
+    cache_section(args.cache_images, teachers, args.size)
     log(f"\nbench took {time.perf_counter() - start:.0f} s")
 
 

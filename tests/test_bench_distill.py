@@ -1,4 +1,4 @@
-"""scripts/bench_distill.py's pieces that are not timings: Theia's layout bytes, the cache-report hook, options."""
+"""scripts/bench_distill.py's pieces that are not timings: the cache report's images and output, options."""
 
 from __future__ import annotations
 
@@ -31,28 +31,46 @@ class Fixed(torch.nn.Module):
         return EncoderOutput(summary=torch.ones(b, 5) if self.summary_dim else None, dense=torch.ones(b, 6, 3, 4))
 
 
-CALLS = []
+class PixelLinear(torch.nn.Module):
+    """A teacher whose dense map [B, 64, 16, 16] is a fixed linear map of 16x16-pooled pixels (rank 3 per token),
+    so a PCA codec reconstructs it almost exactly; summary = the map's mean (64 wide)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summary_dim, self.dense_dim = 64, 64
+        self.proj = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+
+    def freeze(self):
+        return self
+
+    def forward(self, images):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images, 16)  # [B, 3, 16, 16]
+        dense = torch.einsum("oc,bchw->bohw", self.proj, pooled)
+        return EncoderOutput(summary=dense.mean((2, 3)), dense=dense)
 
 
-def fake_report(teachers, images):
-    CALLS.append(([t.name for t in teachers], tuple(images.shape)))
-    return {"bytes_per_image": 43, "cosine_a": 0.995}
+def test_cache_images_are_the_toy_worlds_held_out_images():
+    from distill.toy.world import HELDOUT_SEED, ToyWorld
+
+    images = bench.cache_images(3, 32)
+    assert images.shape == (3, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    first = torch.tensor(list(ToyWorld(seed=HELDOUT_SEED, image_size=32)[0].image.getdata()), dtype=torch.float32)
+    assert torch.equal(images[0].flatten(1).T * 255, first)
 
 
-def test_theia_bytes_and_cache_report_hook(capsys):
-    teachers = [Teacher("a", Fixed(True), precision="fp32"), Teacher("b", Fixed(False), precision="fp32")]
-    images = torch.rand(3, 3, 8, 8)
-    assert bench.theia_bytes_per_image(teachers, images) == 2 * (6 * 3 * 4 + 5) + 2 * (6 * 3 * 4)
-    bench.cache_report("test_bench_distill:fake_report", teachers, images)
+def test_cache_section_prints_bytes_ratio_and_cosine(capsys):
+    teachers = [Teacher("a", PixelLinear(), precision="fp32")]
+    bench.cache_section(8, teachers, 32)
     out = capsys.readouterr().out
-    assert CALLS == [(["a", "b"], (3, 3, 8, 8))]
-    assert "cosine_a: 0.995" in out and "cache / Theia bytes per image: 0.144" in out  # 43 / 298
-    bench.cache_report(None, teachers, images)
-    assert "not measured" in capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("cache a:"))
+    assert "token cos mean" in line and float(line.split("token cos mean ")[1].split()[0]) > 0.99
+    assert "cache total:" in out
+    bench.cache_section(0, teachers, 32)
+    assert "skipped" in capsys.readouterr().out
 
 
 def test_quick_options():
     quick = bench.parse(["--quick"])
-    assert (quick.size, quick.teacher_size, quick.batch, quick.reps, quick.sam_size) == (96, 112, 1, 2, 256)
+    assert (quick.size, quick.teacher_size, quick.batch, quick.reps, quick.sam_size, quick.cache_images) == (96, 112, 1, 2, 256, 8)
     full = bench.parse(["--batch", "8"])
     assert (full.size, full.teacher_size, full.batch, full.reps, full.sam_size) == (224, 224, 8, 5, 1024)
