@@ -200,7 +200,7 @@ class DistillModule(L.LightningModule):
 
     def teacher_losses(self, images: torch.Tensor, stage: str, cached: dict | None = None) -> torch.Tensor:
         """Total weighted loss over teachers; logs every part per teacher (and cosines on validation, also at
-        every `student_resolutions` size). `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache,
+        every `validation_resolutions()` size). `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache,
         used instead of running the teachers."""
         names = self.active_teachers(stage)
         size = self.student_resolution(self.global_step) if stage == "train" else None
