@@ -13,8 +13,8 @@ token grid with `grid_sample`, and evaluates by resampling the whole grid; here 
 grid's native density (one grid cell per token), so evaluation takes a window at the same density (the
 centre-crop rule in RADIO's commented-out eval branch) rather than a resampled one the model never saw.
 
-    enable_cpe(vit, max_grid=16)          # vit: timm VisionTransformer built with dynamic_img_size=True
-    pos = window_pos_embed(vit, 8, 8)     # [1, prefix + 64, C]: the eval position embedding at 8 x 8
+    enable_cpe(vit, max_grid=16, fresh=True)   # vit: timm VisionTransformer built with dynamic_img_size=True
+    pos = window_pos_embed(vit, 8, 8)          # [1, prefix + 64, C]: the eval position embedding at 8 x 8
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def crop_windows(grid: torch.Tensor, h: int, w: int, offsets: torch.Tensor) -> t
     return grid.reshape(size * size, -1)[index]
 
 
-def patch_pos_embed(vit: nn.Module, h: int, w: int, batch: int) -> torch.Tensor:
+def patch_pos_embed(vit: nn.Module, h: int, w: int, batch: int, training: bool) -> torch.Tensor:
     """Position embedding of an h x w patch grid: [batch, h*w, C] random windows in training, [1, h*w, C]
     (centre window, or the resampled grid beyond max_grid) in eval."""
     size = vit.cpe_max_grid
@@ -54,7 +54,7 @@ def patch_pos_embed(vit: nn.Module, h: int, w: int, batch: int) -> torch.Tensor:
     if h > size or w > size:
         whole = grid.reshape(1, size * size, -1)
         return resample_abs_pos_embed(whole, new_size=[h, w], old_size=[size, size], num_prefix_tokens=0)
-    if vit.training:
+    if training:
         offsets = torch.stack([torch.randint(0, size - h + 1, (batch,)), torch.randint(0, size - w + 1, (batch,))], 1)
     else:
         offsets = torch.tensor([[(size - h) // 2, (size - w) // 2]])
@@ -64,12 +64,7 @@ def patch_pos_embed(vit: nn.Module, h: int, w: int, batch: int) -> torch.Tensor:
 def window_pos_embed(vit: nn.Module, h: int, w: int) -> torch.Tensor:
     """The eval-mode position embedding at an h x w grid in timm's layout [1, prefix entries + h*w, C]: what
     a plain timm model built for that grid needs as `pos_embed` to compute the same features."""
-    was_training = vit.training
-    vit.train(False)
-    try:
-        patches = patch_pos_embed(vit, h, w, 1)
-    finally:
-        vit.train(was_training)
+    patches = patch_pos_embed(vit, h, w, 1, training=False)
     return torch.cat([vit.pos_embed[:, : num_pos_prefix(vit)], patches], dim=1)
 
 
@@ -82,7 +77,7 @@ def _cpe_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         prefix.append(self.cls_token.expand(batch, -1, -1))
     if self.reg_token is not None:
         prefix.append(self.reg_token.expand(batch, -1, -1))
-    patches = patch_pos_embed(self, h, w, batch)
+    patches = patch_pos_embed(self, h, w, batch, self.training)
     if self.no_embed_class:
         x = torch.cat(prefix + [x + patches], dim=1)
     else:  # timm's original layout: prefix tokens have position entries too, added after the concat
