@@ -17,6 +17,7 @@ teacher summary_names[i]; the remaining prefix tokens are registers.
     out.tokens                      # the raw tokens read [B, prefix + h*w, C] (final, or block `layer`)
     out.adaptors["clip"]            # AdaptorOutput(summary [B, 512], dense [B, 768, h, w])
     model.export("exports/toy")     # timm save_for_hf (config.json + model.safetensors) + adaptors.*
+    StudentModel(..., cpe_max_grid=16)   # cropped position embedding (distill/cpe.py): any resolution
     model = StudentModel.from_export("exports/toy", adaptors=["clip"])
 """
 
@@ -36,6 +37,7 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 from torch import nn
 
+from distill.cpe import enable_cpe, window_pos_embed
 from distill.encoders.base import check_images
 from distill.encoders.resize import normalize
 from distill.heads import AdaptorHead
@@ -43,6 +45,7 @@ from distill.io import save_json, save_safetensors
 from distill.names import resolve_path
 
 ADAPTORS_WEIGHTS, ADAPTORS_CONFIG = "adaptors.safetensors", "adaptors.json"
+CPE_WEIGHTS = "cpe_pos_embed.safetensors"  # the whole CPE position grid of an export (model.safetensors has a window)
 
 
 @dataclass
@@ -97,6 +100,13 @@ class StudentModel(nn.Module):
         std: per-channel normalization std applied to [0, 1] inputs.
         model_args: extra keyword arguments for ``timm.create_model`` (e.g. ``embed_dim``, ``depth``,
             ``num_heads``, ``patch_size`` for a custom small ViT).
+        cpe_max_grid: None (default): timm's position embedding for ``img_size``, resampled to other sizes.
+            An int G: cropped position embedding (AM-RADIO's CPE, distill/cpe.py): the position embedding is
+            a G x G patch grid; training adds a random window of it the size of the image's patch grid (one
+            offset per sample, torch's global RNG), eval the centre window (grids beyond G: the resampled
+            grid). G must be at least img_size / patch size. The export's model.safetensors holds the
+            centre window at ``img_size`` (plain timm computes the same features there) and
+            cpe_pos_embed.safetensors the whole grid (`from_export` restores CPE).
     """
 
     def __init__(
@@ -110,6 +120,7 @@ class StudentModel(nn.Module):
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         model_args: dict | None = None,
+        cpe_max_grid: int | None = None,
     ) -> None:
         super().__init__()
         self.summary_names = list(summary_names or [])
@@ -140,6 +151,15 @@ class StudentModel(nn.Module):
         self.embed_dim: int = self.model.embed_dim
         self.patch_size: int = self.model.patch_embed.patch_size[0]
         self.img_size = img_size
+        self.cpe_max_grid = cpe_max_grid
+        if cpe_max_grid is not None:
+            default_grid = max(self.model.patch_embed.grid_size)
+            if cpe_max_grid < default_grid:
+                raise ValueError(
+                    f"cpe_max_grid={cpe_max_grid} is smaller than the default patch grid {default_grid} "
+                    f"(img_size {img_size} / patch {self.patch_size}); set cpe_max_grid >= {default_grid}."
+                )
+            enable_cpe(self.model, cpe_max_grid, fresh=not (pretrained or checkpoint is not None))
 
     # ---- adaptors -------------------------------------------------------------------------------------
     def add_adaptor(
@@ -226,16 +246,31 @@ class StudentModel(nn.Module):
             "mean": self.conditioner.mean,
             "std": self.conditioner.std,
             "img_size": self.img_size,
+            "cpe_max_grid": self.cpe_max_grid,
         }
 
     def token_layout(self) -> dict:
         """How to read the backbone's tokens: prefix token i < len(summary_names) is teacher summary_names[i]."""
-        return {
+        layout = {
             "summary_names": self.summary_names,
             "num_registers": self.num_registers,
             "num_prefix_tokens": self.model.num_prefix_tokens,
             "patch_size": self.patch_size,
         }
+        if self.cpe_max_grid is not None:
+            layout["cpe_max_grid"] = self.cpe_max_grid
+        return layout
+
+    def plain_backbone(self) -> nn.Module:
+        """The backbone as plain timm builds it from `model_args`: the model itself, or with CPE a copy whose
+        pos_embed is the eval window at img_size (same features at img_size in eval mode)."""
+        if self.cpe_max_grid is None:
+            return self.model
+        plain = timm.create_model(self.model_name, pretrained=False, **self.model_args)
+        grid = self.model.patch_embed.grid_size
+        state = {**self.model.state_dict(), "pos_embed": window_pos_embed(self.model, *grid).detach()}
+        plain.load_state_dict(state)
+        return plain.train(self.model.training)
 
     def adaptors_config(self) -> dict:
         """{teacher: head config}: the constructor arguments of `add_adaptor` for every head."""
@@ -246,19 +281,22 @@ class StudentModel(nn.Module):
         `timm.create_model('local-dir:OUT')` and transformers' TimmWrapperModel / AutoModel) and, with
         `with_adaptors`, adaptors.safetensors (every head's state: "<teacher>.summary.*", "<teacher>.dense.*",
         "<teacher>.norm.*") + adaptors.json (head configs and the token layout). `extra` goes into
-        config.json["unitower"] and adaptors.json. config.json is written last: a folder with one is complete."""
+        config.json["unitower"] and adaptors.json. With CPE, model.safetensors holds the eval window at img_size
+        and cpe_pos_embed.safetensors the whole grid. config.json is written last: a folder with one is complete."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         layout = {**self.token_layout(), **(extra or {})}
         if with_adaptors:
             save_safetensors(self.heads.state_dict(), out / ADAPTORS_WEIGHTS)
             save_json({**layout, "heads": self.adaptors_config()}, out / ADAPTORS_CONFIG)
+        if self.cpe_max_grid is not None:
+            save_safetensors({"pos_embed": self.model.pos_embed.detach()}, out / CPE_WEIGHTS)
         size = self.img_size
         data_config = {"input_size": (3, size, size), "mean": self.conditioner.mean, "std": self.conditioner.std,
                        "interpolation": "bicubic", "crop_pct": 1.0}
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
         try:
-            save_for_hf(self.model, str(staging), model_config={"pretrained_cfg": {"tag": "unitower_student"}},
+            save_for_hf(self.plain_backbone(), str(staging), model_config={"pretrained_cfg": {"tag": "unitower_student"}},
                         safe_serialization=True, data_config=data_config)
             config = json.loads((staging / "config.json").read_text())
             config["pretrained_cfg"].pop("license", None)  # the architecture's source weights' licence, not ours
@@ -291,7 +329,13 @@ class StudentModel(nn.Module):
             mean=cfg["mean"],
             std=cfg["std"],
             model_args=config.get("model_args", {}),
+            cpe_max_grid=layout.get("cpe_max_grid"),
         )
+        if model.cpe_max_grid is not None:
+            grid_file = folder / CPE_WEIGHTS
+            if not grid_file.is_file():
+                raise FileNotFoundError(f"{grid_file} not found: {config_file} says cpe_max_grid but the grid is missing.")
+            model.model.pos_embed.data.copy_(load_file(str(grid_file))["pos_embed"])
         heads_file = folder / ADAPTORS_CONFIG
         if (adaptors is None and not heads_file.is_file()) or (adaptors is not None and not adaptors):
             return model  # backbone only

@@ -7,6 +7,9 @@ are produced. Teacher weights are not stored in checkpoints (they are reloaded f
 With `dense_loss: mse` the teachers' dense features are standardized by fixed per-channel statistics
 (owned by each adaptor head) measured on `calibration_batches` training batches when training starts
 (summed over all ranks), kept in the checkpoint and written to the export.
+With `student_resolutions` each training step resizes the student's input to one resolution of the set
+(RADIOv2.5-style multi-resolution training; the teachers still see the crop at their own resolution) and
+validation also reports the cosines at each of them (`val/<teacher>/dense_cos@<size>`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from distill import losses
 from distill.encoders.base import EncoderOutput
+from distill.encoders.resize import resize
 from distill.feature_norm import NORMALIZERS
 from distill.model import StudentModel
 from distill.schedule import warmup_cosine
@@ -56,6 +60,16 @@ class DistillModule(L.LightningModule):
             (every loss part is divided by a running mean of its own detached value, so each contributes
             ~weight whatever its scale; AdaLoss-style balancing that AM-RADIO discusses).
         loss_balance_momentum: the running mean's momentum (``normalized`` only): m * mean + (1 - m) * loss.
+        student_resolutions: None (default): the student sees the data module's crop as it is. A list of
+            square sizes (multiples of the student's patch size, e.g. ``[48, 64, 96]``): each training step
+            resizes the student's input (bicubic, antialiased) to one of them, drawn from
+            (``resolution_seed``, step) so a resumed run draws the same ones; the teachers still see the crop
+            itself at their own resolution and the dense predictions are resized to each teacher's grid.
+            Validation logs the usual keys on the crop as it is, and ``summary_cos@S`` / ``dense_cos@S`` per
+            size S. Pair with ``student.cpe_max_grid`` so the position embedding is not stretched per size.
+        resolution_seed: seed of the per-step resolution draw.
+        val_resolutions: the sizes validation reports ``summary_cos@S`` / ``dense_cos@S`` at; None (default):
+            ``student_resolutions`` (so a single-resolution run can be scored at several sizes too).
     """
 
     def __init__(
@@ -75,6 +89,9 @@ class DistillModule(L.LightningModule):
         teacher_drop_prob: float = 0.0,
         loss_balance: str = "fixed",
         loss_balance_momentum: float = 0.99,
+        student_resolutions: list[int] | None = None,
+        resolution_seed: int = 0,
+        val_resolutions: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teachers", "optimizer"])
@@ -93,6 +110,15 @@ class DistillModule(L.LightningModule):
             raise ValueError(f"loss_balance must be one of {LOSS_BALANCES}, got {loss_balance!r}")
         if not 0.0 <= loss_balance_momentum < 1.0:
             raise ValueError(f"loss_balance_momentum must be in [0, 1), got {loss_balance_momentum}")
+        for key, sizes in (("student_resolutions", student_resolutions), ("val_resolutions", val_resolutions)):
+            for size in sizes or []:
+                if size <= 0 or size % student.patch_size:
+                    raise ValueError(
+                        f"{key}: {size} is not a positive multiple of the student's patch size "
+                        f"{student.patch_size}; use sizes such as {[student.patch_size * k for k in (4, 6, 8)]}."
+                    )
+        if student_resolutions is not None and not student_resolutions:
+            raise ValueError("student_resolutions is an empty list; leave it unset (null) for a single resolution.")
         for t in teachers:
             _check_full_view(t)
         with_summary = [t.name for t in teachers if t.has_summary]
@@ -151,11 +177,34 @@ class DistillModule(L.LightningModule):
             mean = value
         return loss / mean.clamp_min(1e-12).to(loss.dtype)
 
+    def student_resolution(self, step: int) -> int | None:
+        """The student's input size at training step `step`: one of `student_resolutions`, drawn from
+        (resolution_seed, step) alone (no global RNG: resume-exact, the same on every rank); None when unset."""
+        sizes = self.hparams.get("student_resolutions")
+        if not sizes:
+            return None
+        generator = torch.Generator().manual_seed(self.hparams.get("resolution_seed", 0) * 1_000_003 + step)
+        return int(sizes[int(torch.randint(len(sizes), (), generator=generator))])
+
+    def validation_resolutions(self) -> list[int]:
+        """The sizes validation scores the student at besides the crop itself (val_resolutions or student_resolutions)."""
+        sizes = self.hparams.get("val_resolutions")
+        return list(sizes if sizes is not None else self.hparams.get("student_resolutions") or [])
+
+    def student_input(self, images: torch.Tensor, size: int | None) -> torch.Tensor:
+        """`images` resized (bicubic, antialiased, clipped to [0, 1]) to size x size for the student; the images
+        themselves when `size` is None or already theirs."""
+        if size is None or tuple(images.shape[-2:]) == (size, size):
+            return images
+        return resize(images, (size, size), "bicubic")
+
     def teacher_losses(self, images: torch.Tensor, stage: str, cached: dict | None = None) -> torch.Tensor:
-        """Total weighted loss over teachers; logs every part per teacher (and cosines on validation).
-        `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache, used instead of running the teachers."""
+        """Total weighted loss over teachers; logs every part per teacher (and cosines on validation, also at
+        every `validation_resolutions()` size). `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache,
+        used instead of running the teachers."""
         names = self.active_teachers(stage)
-        out = self.student(images, adaptors=names)
+        size = self.student_resolution(self.global_step) if stage == "train" else None
+        out = self.student(self.student_input(images, size), adaptors=names)
         if cached is not None:  # teacher cache (distill/cache): the targets came with the batch
             targets = {n: EncoderOutput(summary=cached[n].get("summary"), dense=cached[n]["dense"]) for n in names}
         else:
@@ -180,7 +229,24 @@ class DistillModule(L.LightningModule):
             for key, value in logs.items():
                 self.log(f"{stage}/{teacher.name}/{key}", value, batch_size=len(images), sync_dist=stage == "val")
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=len(images), sync_dist=stage == "val")
+        if stage == "val":
+            for size in self.validation_resolutions():
+                self.log_cosines(images, targets, size)
         return total
+
+    def log_cosines(self, images: torch.Tensor, targets: dict[str, EncoderOutput], size: int) -> None:
+        """Validation cosines of the student at input size `size` against the teachers' `targets` of `images`:
+        `val/<teacher>/summary_cos@<size>` and `val/<teacher>/dense_cos@<size>`."""
+        out = self.student(self.student_input(images, size))
+        for teacher in self.teachers:
+            target, pred = targets[teacher.name], out.adaptors[teacher.name]
+            logs = {}
+            if teacher.has_summary:
+                logs["summary_cos"] = losses.cosine_similarity(pred.summary, target.summary, dim=-1).mean()
+            dense = self.to_teacher_space(teacher.name, losses.resize_to_grid(pred.dense, target.dense.shape[-2:]))
+            logs["dense_cos"] = losses.cosine_similarity(dense, target.dense).mean()
+            for key, value in logs.items():
+                self.log(f"val/{teacher.name}/{key}@{size}", value, batch_size=len(images), sync_dist=True)
 
     def _dense_loss(self, name: str, pred: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
         if self.dense_loss == "mse":
