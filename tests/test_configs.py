@@ -10,6 +10,7 @@ from distill.data import DistillDataModule
 from distill.module import DistillModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "distill").glob("*.yaml"))
+OVERLAYS = sorted((Path(__file__).parents[1] / "configs" / "distill" / "overlays").glob("*.yaml"))
 
 
 class ParseOnlyCLI(LightningCLI):
@@ -35,3 +36,25 @@ def test_bad_key_is_rejected(tmp_path):
     bad.write_text(CONFIGS[0].read_text().replace("dense_loss:", "dense_los:"))
     with pytest.raises(SystemExit):
         ParseOnlyCLI(DistillModule, DistillDataModule, run=False, args=["-c", str(bad)])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_overlay_composes_with_every_recipe(config, overlay):
+    """`-c RECIPE -c overlays/X.yaml`: the overlay's keys land on top of the recipe and nothing else changes."""
+    import yaml
+
+    base = ParseOnlyCLI(DistillModule, DistillDataModule, run=False, args=["-c", str(config)]).config.as_dict()
+    both = ParseOnlyCLI(DistillModule, DistillDataModule, run=False, args=["-c", str(config), "-c", str(overlay)])
+    both = both.config.as_dict()
+
+    def apply(tree: dict, delta: dict) -> None:
+        for key, value in delta.items():
+            if isinstance(value, dict):
+                apply(tree[key], value)
+            else:
+                tree[key] = value
+
+    apply(base, yaml.safe_load(overlay.read_text()))
+    base.pop("config"), both.pop("config")
+    assert both == base

@@ -255,18 +255,18 @@ def test_default_student_has_no_cpe():
 # ---------------------------------------------------------------- recipe and exact resume
 
 
-def test_toy_multires_recipe_only_adds_resolution_keys():
+def test_multires_overlay_fits_the_toy_student():
+    """configs/distill/overlays/toy_multires.yaml on configs/distill/toy.yaml: the CPE grid covers the largest
+    resolution and every resolution is a multiple of the patch (tests/test_configs.py checks that the overlay
+    changes nothing else)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs/distill"
-    base, multi = (yaml.safe_load((root / name).read_text()) for name in ("toy.yaml", "toy_multires.yaml"))
-    sizes = multi["model"].pop("student_resolutions")
-    assert multi["model"].pop("val_resolutions", sizes) == sizes
-    grid = multi["model"]["student"]["init_args"].pop("cpe_max_grid")
+    base, overlay = (yaml.safe_load((root / name).read_text()) for name in ("toy.yaml", "overlays/toy_multires.yaml"))
+    sizes, grid = overlay["model"]["student_resolutions"], overlay["model"]["student"]["init_args"]["cpe_max_grid"]
     patch = base["model"]["student"]["init_args"]["model_args"]["patch_size"]
     assert grid * patch >= max(sizes) and all(s % patch == 0 for s in sizes)
-    multi["trainer"]["default_root_dir"] = base["trainer"]["default_root_dir"]
-    assert multi == base  # everything else as in the single-resolution recipe (the comparison is fair)
+    assert base["data"]["image_size"] in sizes
 
 
 @pytest.mark.slow
