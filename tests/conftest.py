@@ -1,5 +1,6 @@
 """Shared fixtures: tiny teacher checkpoints written in each library's native format."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,16 @@ def tiny_teacher_files(tmp_path_factory) -> dict[str, Path]:
         "dino": tiny.write_timm_dir(root / "dino", reg_tokens=4),
         "sam": tiny.write_sam_state_dict(root / "sam.pth"),
     }
+
+
+@pytest.fixture(scope="module")
+def smoke_world():
+    """The smoke toy profile (few-step toy teachers + LM) for a test module's toy:clip / toy:dino / toy:sam /
+    toy:lm names; the previous $UNITOWER_TOY_PROFILE comes back after the module."""
+    before = os.environ.get("UNITOWER_TOY_PROFILE")
+    os.environ["UNITOWER_TOY_PROFILE"] = "smoke"
+    yield
+    if before is None:
+        os.environ.pop("UNITOWER_TOY_PROFILE", None)
+    else:
+        os.environ["UNITOWER_TOY_PROFILE"] = before

@@ -8,7 +8,6 @@ scores against `unitower toy report`'s functions, and the callback in a 2-step f
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +27,6 @@ from distill.module import DistillModule
 from distill.teacher import Teacher
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def smoke_world():
-    """The smoke toy profile for this module's toy:clip / toy:dino / toy:sam."""
-    before = os.environ.get("UNITOWER_TOY_PROFILE")
-    os.environ["UNITOWER_TOY_PROFILE"] = "smoke"
-    yield
-    if before is None:
-        os.environ.pop("UNITOWER_TOY_PROFILE", None)
-    else:
-        os.environ["UNITOWER_TOY_PROFILE"] = before
 
 
 # ---- scoring functions on synthetic features ----------------------------------------------------------

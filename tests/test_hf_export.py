@@ -2,7 +2,6 @@
 transformers' LlavaForConditionalGeneration + AutoProcessor with the same vision features and the same greedy tokens
 as unitower's own generation; towers transformers cannot express are refused with a reason (tests/test_hf_export.py)."""
 
-import os
 import warnings
 
 import numpy as np
@@ -20,18 +19,6 @@ from llava_configs import cli_trainer
 
 IMAGE_SIZE = 64
 MAX_NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def smoke_world():
-    """The smoke toy profile (cheap toy teachers + LM) for this module's toy:clip / toy:lm."""
-    before = os.environ.get("UNITOWER_TOY_PROFILE")
-    os.environ["UNITOWER_TOY_PROFILE"] = "smoke"
-    yield
-    if before is None:
-        os.environ.pop("UNITOWER_TOY_PROFILE", None)
-    else:
-        os.environ["UNITOWER_TOY_PROFILE"] = before
 
 
 @pytest.fixture(scope="module")
