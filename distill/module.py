@@ -250,7 +250,7 @@ class DistillModule(L.LightningModule):
 
     def _dense_loss(self, name: str, pred: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
         if self.dense_loss == "mse":
-            norm = self.dense_norm[name]
+            norm = self.student.heads[name].norm  # not self.dense_norm: that builds a ModuleDict per call
             if stage == "train" and not norm.fitted:
                 raise RuntimeError(
                     f"dense_loss=mse: the statistics of teacher '{name}' are not calibrated; DistillModule.calibrate "
