@@ -195,7 +195,8 @@ class StudentModel(nn.Module):
         if layer == -1:
             return self.model.forward_features(pixels)
         patches, prefix = self.model.forward_intermediates(
-            pixels, indices=[layer], norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+            pixels, indices=[layer], norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True,
+            stop_early=True,
         )[0]
         return torch.cat([prefix, patches], dim=1)
 

@@ -50,7 +50,7 @@ def test_overlay_composes_with_every_recipe(config, overlay):
 
     def apply(tree: dict, delta: dict) -> None:
         for key, value in delta.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and isinstance(tree.get(key), dict):
                 apply(tree[key], value)
             else:
                 tree[key] = value

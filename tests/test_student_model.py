@@ -58,6 +58,30 @@ def test_forward_token_layout_and_layers():
         model.add_adaptor("siglip", 8, 8)
 
 
+def test_an_earlier_layer_runs_only_the_blocks_it_needs():
+    """layer=-2 of a 2-block student stops after block 0: block 1 never runs (a tower reading layer -2 costs what
+    it reads), and the tokens equal timm's own intermediates computed through the whole model."""
+    from mllm.study.cost import count_flops
+
+    model = make_model()
+    images = torch.rand(2, 3, 32, 32)
+    ran = []
+    hook = model.model.blocks[1].register_forward_hook(lambda *_: ran.append(1))
+    with torch.no_grad():
+        tokens = model.tokens(images, layer=-2)
+    hook.remove()
+    assert ran == []
+    pixels = model.conditioner(images)
+    with torch.no_grad():
+        patches, prefix = model.model.forward_intermediates(pixels, indices=[-2], norm=False, output_fmt="NLC",
+                                                            intermediates_only=True, return_prefix_tokens=True)[0]
+    torch.testing.assert_close(tokens, torch.cat([prefix, patches], dim=1))
+    full, _ = count_flops(lambda x: model.tokens(x, layer=-1), images)
+    early, _ = count_flops(lambda x: model.tokens(x, layer=-2), images)
+    # one block fewer: qkv + proj + fc1 + fc2 = 2 * 20 tokens * (3 + 1 + 4 + 4) * 48^2, plus QK^T and AV: 2 * 2 * 20^2 * 48
+    assert full - early == 2 * 2 * 20 * 12 * 48 * 48 + 2 * 2 * 2 * 20 * 20 * 48
+
+
 def test_teacher_space_inverts_the_normalizer():
     model = make_model("channel_standardizer")
     images = torch.rand(1, 3, 32, 32)

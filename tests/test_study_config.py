@@ -24,7 +24,10 @@ def test_study_config_parses(path):
 def test_toy_study_has_towers_and_controls():
     study = load_study(ROOT / "configs/study/toy.yaml")
     assert [v.name for v in study.variants] == ["clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student",
-                                                "blind", "oracle"]
+                                                "student_small", "blind", "oracle"]
+    overlays = {v.name: v.distill_overlay for v in study.variants if v.kind == "student"}
+    assert overlays["student"] is None
+    assert Path(overlays["student_small"]).resolve() == ROOT / "configs/distill/overlays/toy_small_student.yaml"
     assert [v.control for v in study.variants if v.kind == "control"] == ["blind", "oracle"]
     full = with_budget(study, smoke=False)
     assert full.seeds == 3 and full.eval_images >= 1000 and with_budget(study, smoke=True).seeds == 1
@@ -35,12 +38,13 @@ def test_toy_study_has_towers_and_controls():
         args = v.tower.get("init_args", {})
         encoders = args.get("encoders") or ([args["encoder"]] if "encoder" in args else [])
         layers += [e["init_args"]["layer"] for e in encoders] + ([args["layer"]] if "layer" in args else [])
-    assert len(layers) == 9 and set(layers) == {-2}
+    assert len(layers) == 10 and set(layers) == {-2}
 
 
 def test_bad_study_config_names_the_problem(tmp_path):
     text = (ROOT / "configs/study/toy.yaml").read_text().replace("kind: single", "kind: solo", 1)
     (tmp_path / "towers").symlink_to(ROOT / "configs/towers")  # the study names ../towers/*.yaml
+    (tmp_path / "distill").symlink_to(ROOT / "configs/distill")  # and ../distill/overlays/*.yaml
     (tmp_path / "study").mkdir()
     bad = tmp_path / "study" / "bad.yaml"
     bad.write_text(text)
@@ -51,6 +55,14 @@ def test_bad_study_config_names_the_problem(tmp_path):
         load_study(bad)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_study(tmp_path / "nope.yaml")
+    bad.write_text((ROOT / "configs/study/toy.yaml").read_text().replace("overlays/toy_small_student", "overlays/tiny"))
+    with pytest.raises(FileNotFoundError, match=r"variant 'student_small' distill_overlay '../distill/overlays/tiny.yaml'"):
+        load_study(bad)
+    bad.write_text((ROOT / "configs/study/toy.yaml").read_text().replace(
+        "  - {name: clip, kind: single, tower: ../towers/toy_clip.yaml}",
+        "  - {name: clip, kind: single, tower: ../towers/toy_clip.yaml, distill_overlay: ../distill/overlays/toy_small_student.yaml}"))
+    with pytest.raises(ValueError, match="variant 'clip' has a distill_overlay but kind 'single'"):
+        load_study(bad)
     bad.write_text((ROOT / "configs/study/toy.yaml").read_text().replace("towers/toy_sam.yaml", "towers/toy_sma.yaml"))
     with pytest.raises(FileNotFoundError, match=r"variant 'sam': tower file '../towers/toy_sma.yaml'"):
         load_study(bad)

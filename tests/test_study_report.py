@@ -94,8 +94,13 @@ def test_write_report_files(tmp_path, world):
     records = write_runs(tmp_path, correct)
     probes = {"clip": [{"overall": 0.8, "color": 1.0, "texture": 0.7, "size": 0.9, "fusion": 0.6}]}
     report = write_report(records, questions, prior.tolist(), probes, {"clip": {"tower_params_m": 1.0,
-                          "gflops_per_image": 0.5, "ms_per_image": 2.0}}, {}, study, with_budget(study, False), tmp_path)
+                          "gflops_per_image": 0.5, "ms_per_image": 2.0}},
+                          {"student": {0: {"steps": 300, "seconds": 81.0, "val": {"val/clip/dense_cos": 0.9123}}},
+                           "student_small": {0: {"steps": 300, "seconds": 64.0, "val": {"val/clip/dense_cos": 0.8771}}}},
+                          study, with_budget(study, False), tmp_path)
     text = report.read_text()
+    assert "- student seed 0: 300 steps in 81 s; clip/dense_cos 0.912" in text
+    assert "- student_small seed 0: 300 steps in 64 s; clip/dense_cos 0.877" in text
     for section in ("Instrument gate", "Accuracy by question kind", "Probes vs LLaVA", "Claims (paired, Holm-corrected)"):
         assert section in text
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))

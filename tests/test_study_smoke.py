@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-VARIANTS = ["text prior", "clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student", "blind", "oracle"]
+VARIANTS = ["text prior", "clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student", "student_small",
+            "blind", "oracle"]
 
 
 def run(args, env):
@@ -29,7 +30,12 @@ def test_smoke_study_end_to_end(tmp_path):
         assert 0.0 <= float(r["overall_low"]) <= float(r["overall_mean"]) <= float(r["overall_high"]) <= 1.0
     cost = {r["variant"]: float(r["gflops_per_image"]) for r in rows if r["gflops_per_image"]}
     assert cost["ensemble_all"] > max(cost["clip"], cost["dino"], cost["sam"]) > 0  # the ensemble costs the most
+    assert cost["student_small"] < cost["student"]  # the overlay's narrower student (configs/distill/overlays)
     assert all(rows[i]["probe_color"] for i in range(1, len(VARIANTS)))  # every variant was probed
+    exports = sorted(out.glob("distill-*-seed0/export/config.json"))
+    assert len(exports) == 2  # one distillation per student variant, each with its own recipe key
+    widths = sorted(json.loads(f.read_text())["model_args"]["embed_dim"] for f in exports)
+    assert widths == [80, 96]
     text = (out / "results.md").read_text()
     for section in ("Instrument gate", "Probes vs LLaVA", "Claims (paired, Holm-corrected)", "Distillation"):
         assert section in text

@@ -31,12 +31,16 @@ class Variant:
             for controls.
         control: for kind ``control``: ``blind`` (constant tokens: no image information) or ``oracle``
             (tokens built from the toy generator's ground truth: perfect perception).
+        distill_overlay: for kind ``student``: a distill overlay YAML (configs/distill/overlays/*.yaml; relative
+            to the study file) put on top of ``distill_recipe`` for this variant's students, as
+            ``-c RECIPE -c OVERLAY`` would (e.g. a smaller student). None: the recipe as it is.
     """
 
     name: str
     kind: str
     tower: dict | str = field(default_factory=dict)
     control: str | None = None
+    distill_overlay: str | None = None
 
 
 @dataclass
@@ -128,7 +132,22 @@ def load_study(path: str | Path) -> Study:
                 raise ValueError(f"{path}: control variant {v.name!r} needs `control` set to one of {CONTROLS}")
         elif "class_path" not in v.tower:
             raise ValueError(f"{path}: variant {v.name!r} tower needs a class_path (e.g. mllm.towers.SingleEncoderTower)")
+        if v.distill_overlay is not None:
+            v.distill_overlay = _overlay_path(v, Path(path))
     return study
+
+
+def _overlay_path(variant: Variant, study_file: Path) -> str:
+    """The variant's distill overlay as a path that exists (relative names resolve against the study file)."""
+    if variant.kind != "student":
+        raise ValueError(f"{study_file}: variant {variant.name!r} has a distill_overlay but kind {variant.kind!r}; "
+                         "only student variants are distilled.")
+    overlay = study_file.parent / variant.distill_overlay
+    if not overlay.is_file():
+        raise FileNotFoundError(f"{study_file}: variant {variant.name!r} distill_overlay '{variant.distill_overlay}' "
+                                f"(resolved to {overlay}) does not exist; name a configs/distill/overlays/*.yaml file "
+                                "relative to the study file.")
+    return str(overlay)
 
 
 def _plain(value):

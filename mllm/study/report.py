@@ -201,8 +201,9 @@ def write_report(records: list[dict], items: list[dict], prior: list[int] | None
              "## Claims (paired, Holm-corrected)\n\n" + claims_markdown(claims)]
     if distill:
         parts.append("## Distillation (one student per seed)\n\n" + "\n".join(
-            f"- seed {s}: {info['steps']} steps in {info['seconds']:.0f} s; " + ", ".join(
-                f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(info["val"].items())) for s, info in sorted(distill.items())))
+            f"- {name} seed {s}: {info['steps']} steps in {info['seconds']:.0f} s; " + ", ".join(
+                f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(info["val"].items()))
+            for name, seeds in distill.items() for s, info in sorted(seeds.items())))
     if failed:
         parts.append("## Failed runs\n\n" + "\n".join(f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed))
     text = "\n\n".join(parts) + "\n"

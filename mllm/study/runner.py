@@ -131,7 +131,7 @@ def fit(cfg_path: Path) -> object:
 class Features:
     """Cached tokens (train + eval images) of every variant and seed, computed on first request."""
 
-    def __init__(self, study: Study, budget: Budget, out_dir: Path, students: dict[int, str]) -> None:
+    def __init__(self, study: Study, budget: Budget, out_dir: Path, students: dict[str, dict[int, str]]) -> None:
         self.study, self.budget, self.students = study, budget, students
         self.folder = out_dir / "features"
         self._images: dict[int, torch.Tensor] = {}
@@ -166,7 +166,8 @@ class Features:
                     "oracle": lambda world, n: oracle_tokens(world, n, size, grid, self.study.max_objects)}[variant.control]
             self.costs.setdefault(variant.name, {"tower_params_m": 0.0, "gflops_per_image": 0.0, "ms_per_image": 0.0})
         else:
-            config = variant_tower(variant, self.study, self.students.get(seed) if variant.kind == "student" else None)
+            student = self.students.get(variant.name, {}).get(seed) if variant.kind == "student" else None
+            config = variant_tower(variant, self.study, student)
             if variant.name not in self.costs:
                 self.costs[variant.name] = tower_cost(self.tower(config), size)
 
@@ -370,14 +371,17 @@ def online_study(study: Study, budget: Budget, out_dir: Path, variants: list[Var
                         budget=budget, out_dir=out_dir, smoke=smoke, seconds=time.time() - started)
 
 
-def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, seed: int) -> tuple[str, dict]:
+def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, seed: int,
+                    overlay: str | None = None) -> tuple[str, dict]:
     """Distill the toy student with seed `seed` (budget.distill_steps) and export it; reused when done.
+    `overlay`: a distill overlay YAML put on top of the recipe (`-c recipe -c overlay`), e.g. a smaller student.
     Returns the export folder and the distillation summary (validation cosines, time)."""
     from distill.cli import lightning_cli
     from distill.export import export_student
 
     recipe = yaml.safe_load(Path(study.distill_recipe).read_text())
-    key = config_key(recipe, budget.distill_steps, budget.toy_profile)
+    overlay_cfg = yaml.safe_load(Path(overlay).read_text()) if overlay else None
+    key = config_key([recipe, overlay_cfg] if overlay else recipe, budget.distill_steps, budget.toy_profile)
     run_dir = out_dir / f"distill-{key}-seed{seed}"
     export, summary = run_dir / "export", run_dir / "distill.json"
     if (export / "config.json").is_file() and summary.is_file() and not force:
@@ -395,7 +399,10 @@ def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, se
                    {"class_path": "distill.timing.StepTimer"}],
     )
     started = time.time()
-    cli = lightning_cli(["fit", "-c", str(write_yaml(cfg, run_dir / "distill.yaml"))])
+    args = ["fit", "-c", str(write_yaml(cfg, run_dir / "distill.yaml"))]
+    if overlay:
+        args += ["-c", str(write_yaml(overlay_cfg, run_dir / "overlay.yaml"))]
+    cli = lightning_cli(args)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     export_student(run_dir / "student.ckpt", export, with_adaptors=True)
     info = {"seed": seed, "seconds": time.time() - started, "steps": budget.distill_steps,
@@ -447,13 +454,15 @@ def run_study(study: Study, budget: Budget, out_dir: Path, smoke: bool = False, 
         return online_study(study, budget, out_dir, variants, smoke, force, started)
     ensure_cache()
     seeds = list(range(budget.seeds))
-    students, distill_info = {}, {}
-    if any(v.kind == "student" for v in variants):
+    students: dict[str, dict[int, str]] = {}  # {variant: {seed: export folder}}
+    distill_info: dict[str, dict[int, dict]] = {}
+    for variant in (v for v in variants if v.kind == "student"):
         for seed in seeds:
-            if study.student is not None:
-                students[seed] = study.student
+            if study.student is not None and variant.distill_overlay is None:
+                students.setdefault(variant.name, {})[seed] = study.student
             else:
-                students[seed], distill_info[seed] = distill_student(study, budget, out_dir, force, seed)
+                students.setdefault(variant.name, {})[seed], distill_info.setdefault(variant.name, {})[seed] = \
+                    distill_student(study, budget, out_dir, force, seed, variant.distill_overlay)
     features = Features(study, budget, out_dir, students)
     objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size, study.max_objects),
                HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size, study.max_objects)}
