@@ -70,6 +70,12 @@ class DistillModule(L.LightningModule):
         resolution_seed: seed of the per-step resolution draw.
         val_resolutions: the sizes validation reports ``summary_cos@S`` / ``dense_cos@S`` at; None (default):
             ``student_resolutions`` (so a single-resolution run can be scored at several sizes too).
+        student_size: None (default): the student sees the data module's crop as it is. A size S (a multiple of
+            the patch size): the data's crop is the *teachers'* view, made as large as the largest teacher input
+            (``data.image_size: 1024`` for SAM at its native resolution), and the student sees it resized
+            (bicubic, antialiased) to S x S, in training (unless ``student_resolutions`` draws a size) and in
+            validation. Each teacher resizes the crop to its own input, so a high-resolution teacher sees real
+            detail instead of the student's crop upsampled (AM-RADIO gives SAM its native 1024 px input).
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class DistillModule(L.LightningModule):
         student_resolutions: list[int] | None = None,
         resolution_seed: int = 0,
         val_resolutions: list[int] | None = None,
+        student_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teachers", "optimizer"])
@@ -110,7 +117,8 @@ class DistillModule(L.LightningModule):
             raise ValueError(f"loss_balance must be one of {LOSS_BALANCES}, got {loss_balance!r}")
         if not 0.0 <= loss_balance_momentum < 1.0:
             raise ValueError(f"loss_balance_momentum must be in [0, 1), got {loss_balance_momentum}")
-        for key, sizes in (("student_resolutions", student_resolutions), ("val_resolutions", val_resolutions)):
+        for key, sizes in (("student_resolutions", student_resolutions), ("val_resolutions", val_resolutions),
+                           ("student_size", None if student_size is None else [student_size])):
             for size in sizes or []:
                 if size <= 0 or size % student.patch_size:
                     raise ValueError(
@@ -204,7 +212,7 @@ class DistillModule(L.LightningModule):
         used instead of running the teachers."""
         names = self.active_teachers(stage)
         size = self.student_resolution(self.global_step) if stage == "train" else None
-        out = self.student(self.student_input(images, size), adaptors=names)
+        out = self.student(self.student_input(images, size or self.hparams.get("student_size")), adaptors=names)
         if cached is not None:  # teacher cache (distill/cache): the targets came with the batch
             targets = {n: EncoderOutput(summary=cached[n].get("summary"), dense=cached[n]["dense"]) for n in names}
         else:

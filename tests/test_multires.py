@@ -87,6 +87,35 @@ def test_student_gets_the_chosen_size_and_teachers_the_crop(tiny_teacher_files, 
     loss.backward()
 
 
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_student_size_downsamples_a_high_resolution_teacher_view(tiny_teacher_files, stage):
+    """student_size: the data's crop is the teachers' view (each teacher resizes it to its own input, SAM keeps
+    its detail); the student sees the crop resized to student_size, in training and validation alike."""
+    module = make_module(tiny_teacher_files, student_size=16)
+    seen = {}
+    module.student.register_forward_pre_hook(lambda m, args: seen.setdefault("student", args[0].clone()))
+    for t in module.teachers:
+        t.encoder.register_forward_pre_hook(lambda m, args, n=t.name: seen.__setitem__(n, tuple(args[0].shape)))
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 48, 48)  # a teachers' view 3x the student's side
+    with torch.set_grad_enabled(stage == "train"):
+        loss = module.teacher_losses(images, stage)
+    assert torch.equal(seen["student"], resize(images, (16, 16), "bicubic"))
+    assert {seen[n] for n in ("clip", "dino", "sam")} == {(2, 3, 48, 48)}
+    sam = module.teachers[2].encoder
+    assert module.teacher_targets(images, ["sam"])["sam"].dense.shape[-2:] == sam(images).dense.shape[-2:]
+    assert torch.isfinite(loss)
+    # a per-step resolution still wins in training
+    multi = make_module(tiny_teacher_files, student_size=16, student_resolutions=[24])
+    seen.clear()
+    multi.student.register_forward_pre_hook(lambda m, args: seen.setdefault("student", args[0].clone()))
+    with torch.set_grad_enabled(stage == "train"):
+        multi.teacher_losses(images, stage)
+    assert seen["student"].shape[-1] == (24 if stage == "train" else 16)
+    with pytest.raises(ValueError, match="student_size: 20 is not a positive multiple"):
+        make_module(tiny_teacher_files, student_size=20)
+
+
 def test_default_and_same_size_losses_are_identical(tiny_teacher_files):
     """Unset options = the old path; a resolution set holding only the crop size resizes nothing, so the
     loss and every gradient are bit-identical to the default module's."""
