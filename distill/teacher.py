@@ -69,9 +69,9 @@ class Teacher(nn.Module):
 
     def _checked_on_cpu(self, image: torch.Tensor) -> torch.dtype | None:
         """`auto` on CPU after the probe favoured bf16: time this teacher itself on the first batch in fp32 and
-        in bf16 (best of 2 each, once per teacher) and keep bf16 only if it is faster here too. Some models run
-        far slower under CPU bf16 autocast than the probe block (open_clip ViT-B/16 at batch >= 2: 3-12x
-        slower here, yet faster at batch 1, so the real batch is timed)."""
+        in bf16 (best of 2 each, once per teacher) and keep bf16 only if it is faster here too. A model can run
+        far slower under CPU bf16 autocast than the probe block (open_clip's nn.MultiheadAttention did, 3-15x,
+        until distill/encoders/mha_layout.py; other third-party code may still), so the real batch is timed."""
         if getattr(self, "_cpu_dtype", "unset") == "unset":
             best = {}
             for dtype in (None, torch.bfloat16, None, torch.bfloat16):

@@ -30,6 +30,7 @@ from open_clip.transformer import QuickGELU
 
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
+from distill.encoders.mha_layout import use_seq_first_layout
 from distill.encoders.paths import require_dir
 from distill.io import load_weights, save_json, save_safetensors, weight_keys
 from distill.names import resolve_model_name, resolve_path
@@ -70,6 +71,7 @@ class OpenClipEncoder(Encoder):
         pretrained = resolve_path(pretrained)
         model = _create_open_clip(model_name, pretrained, image_size, quick_gelu)
         self.visual = model.visual
+        use_seq_first_layout(self.visual)  # bf16 autocast on CPU: keep MultiheadAttention's in-projection fast
         self.model_name = model_name
         self._clip = (model,)  # a tuple, not a submodule: the text tower stays out of parameters / state dict
         self.quick_gelu = any(isinstance(m, QuickGELU) for m in self.visual.modules())
