@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from distill.cache.codec import PcaCodec, token_cosines
+from distill.cache.codec import PcaCodec, pca, token_cosines
 from distill.cache.dataset import CachedViews
 from distill.cache.views import apply_view, draw_view
 from distill.data import DistillDataModule, ToyImages
@@ -45,11 +45,40 @@ def test_codec_round_trip_and_save(tmp_path, bits):
     assert loaded.bits == bits and torch.equal(loaded.decode(q, scale), codec.decode(q, scale))
 
 
-def test_codec_budget_picks_components_within_bytes():
+def test_codec_budget_picks_the_best_layout_within_bytes():
     tokens = low_rank_tokens(channels=64, rank=64)
     codec = PcaCodec.fit_within(tokens, bytes_per_token=18)
     assert codec.bytes_per_token() <= 18
-    assert (codec.bits, codec.components) in {(8, 16), (4, 32)}
+    best = float(token_cosines(codec.decode(*codec.encode(tokens)), tokens).mean())
+    mean, vectors, std = pca(tokens)
+    for bits, head, k in ((8, 0, 16), (4, 0, 32), (4, 4, 24)):  # every layout that fills 18 bytes, alpha 1 and 0.5
+        for alpha in (1.0, 0.5):
+            other = PcaCodec(mean, vectors[:, :k], std[:k], bits, alpha, head)
+            assert other.bytes_per_token() == 18
+            assert best >= float(token_cosines(other.decode(*other.encode(tokens)), tokens).mean()) - 1e-6
+
+
+def test_codec_with_an_int8_head_round_trips(tmp_path):
+    """An int8 head of 4 components + 12 4-bit ones, half-whitened: two scales per token, exact levels, saved
+    and loaded; 4 + 6 code bytes + 2 fp16 scales = 14 bytes per token."""
+    tokens = low_rank_tokens(channels=32, rank=16)
+    mean, vectors, std = pca(tokens[:1000])
+    codec = PcaCodec(mean, vectors[:, :16], std[:16], bits=4, alpha=0.5, head=4)
+    q, scale = codec.encode(tokens[1000:])
+    assert q.dtype == torch.uint8 and q.shape == (1000, 10) and scale.shape == (1000, 2)
+    assert codec.bytes_per_token() == 14
+    coeffs = (tokens[1000:] - mean) @ vectors[:, :16] / codec.std.sqrt()
+    expected = torch.cat([torch.round(coeffs[:, :4] / scale[:, :1].float()).clamp(-127, 127),
+                          torch.round(coeffs[:, 4:] / scale[:, 1:].float()).clamp(-7, 7)], dim=1)
+    assert torch.equal(codec.unpack(q), expected)
+    cos = token_cosines(codec.decode(q, scale), tokens[1000:])
+    assert cos.mean() > 0.995  # rank-16 data in 16 components: quantization error only
+    codec.save(tmp_path / "h.safetensors")
+    loaded = PcaCodec.load(tmp_path / "h.safetensors")
+    assert (loaded.bits, loaded.alpha, loaded.head) == (4, 0.5, 4)
+    assert torch.equal(loaded.decode(q, scale), codec.decode(q, scale))
+    with pytest.raises(ValueError, match="int8 head"):
+        PcaCodec(mean, vectors[:, :16], std[:16], bits=8, head=4)
 
 
 def test_views_equal_the_training_augmentation():

@@ -16,13 +16,13 @@ from safetensors.torch import save
 from distill.cache.codec import PcaCodec
 
 
-def teacher_bytes(summary_dim: int | None, tokens: int, components: int, bits: int = 8) -> int:
-    """Bytes one view of one teacher takes in a `.tgt` member."""
-    return 2 * (summary_dim or 0) + tokens * (components * bits // 8 + 2)
+def teacher_bytes(summary_dim: int | None, tokens: int, bytes_per_token: int) -> int:
+    """Bytes one view of one teacher takes in a `.tgt` member (`bytes_per_token`: the codec's codes + scales)."""
+    return 2 * (summary_dim or 0) + tokens * bytes_per_token
 
 
 def pack(parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> bytes:
-    """Concatenate (summary or None, q int8 [T, k], scale fp16 [T]) of every view x teacher, in order."""
+    """Concatenate (summary or None, codes [T, code_bytes], scales fp16 [T] or [T, G]) of every view x teacher, in order."""
     out = io.BytesIO()
     for summary, q, scale in parts:
         if summary is not None:
@@ -35,8 +35,9 @@ def pack(parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]) ->
 def unpack_view(data: bytes, view: int, teachers: list[dict], codecs: dict[str, PcaCodec]) -> dict[str, dict]:
     """Decode one view of a `.tgt` member: {teacher: {"summary": [C] (if any), "dense": [C, h, w]}} (float32).
 
-    `teachers` is meta.json's list of {name, summary_dim, grid: [h, w], components, bits}."""
-    sizes = [teacher_bytes(t["summary_dim"], t["grid"][0] * t["grid"][1], t["components"], t["bits"]) for t in teachers]
+    `teachers` is meta.json's list of {name, summary_dim, grid: [h, w], ...}; the code layout is the codec's."""
+    sizes = [teacher_bytes(t["summary_dim"], t["grid"][0] * t["grid"][1], codecs[t["name"]].bytes_per_token())
+             for t in teachers]
     offset = view * sum(sizes)
     if len(data) < offset + sum(sizes):
         raise ValueError(f"cached targets have {len(data)} bytes, too few for view {view} of {len(teachers)} teachers "
@@ -44,17 +45,17 @@ def unpack_view(data: bytes, view: int, teachers: list[dict], codecs: dict[str, 
     out = {}
     for t in teachers:
         h, w = t["grid"]
-        tokens, k = h * w, t["components"] * t["bits"] // 8
+        codec = codecs[t["name"]]
+        tokens, k, groups = h * w, codec.code_bytes, len(codec.groups)
         item = {}
         if t["summary_dim"]:
             n = 2 * t["summary_dim"]
             item["summary"] = torch.from_numpy(np.frombuffer(data, np.float16, t["summary_dim"], offset).astype(np.float32))
             offset += n
-        dtype = np.int8 if t["bits"] == 8 else np.uint8
-        q = torch.from_numpy(np.frombuffer(data, dtype, tokens * k, offset).reshape(tokens, k).copy())
+        q = torch.from_numpy(np.frombuffer(data, np.uint8, tokens * k, offset).reshape(tokens, k).copy())
         offset += tokens * k
-        scale = torch.from_numpy(np.frombuffer(data, np.float16, tokens, offset).copy())
-        offset += 2 * tokens
+        scale = torch.from_numpy(np.frombuffer(data, np.float16, tokens * groups, offset).reshape(tokens, groups).copy())
+        offset += 2 * tokens * groups
         dense = codecs[t["name"]].decode(q, scale)  # [h*w, C]
         item["dense"] = dense.T.reshape(-1, h, w).contiguous()
         out[t["name"]] = item

@@ -41,9 +41,10 @@ def cache_report(teachers: list, images: torch.Tensor, max_ratio: float = 0.2, b
         codec = PcaCodec.fit_within(_tokens(dense[:half]), int(budget // tokens_per_image))
         held = _tokens(dense[half:])
         cos = token_cosines(codec.decode(*codec.encode(held)), held)
-        size = teacher_bytes(None if summary is None else summary.shape[1], tokens_per_image, codec.components, codec.bits)
+        size = teacher_bytes(None if summary is None else summary.shape[1], tokens_per_image, codec.bytes_per_token())
         row = {"theia_bytes": theia, "cache_bytes": size, "ratio": size / theia, "channels": dense.shape[1],
                "grid": list(dense.shape[-2:]), "components": codec.components, "bits": codec.bits,
+               "head": codec.head, "alpha": codec.alpha,
                "dense_cos_mean": float(cos.mean()), "dense_cos_p1": float(torch.quantile(cos, 0.01)),
                "dense_cos_min": float(cos.min())}
         if summary is not None:
@@ -57,6 +58,11 @@ def cache_report(teachers: list, images: torch.Tensor, max_ratio: float = 0.2, b
     return report
 
 
+def _layout(row: dict) -> str:
+    head = f"{row['head']} int8 + {row['components'] - row['head']} 4-bit" if row.get("head") else f"{row['bits']}-bit"
+    return f"{head}, alpha {row.get('alpha', 1.0):g}"
+
+
 def format_report(report: dict) -> str:
     """One line per teacher for a benchmark's output."""
     lines = []
@@ -66,7 +72,7 @@ def format_report(report: dict) -> str:
                          f"(ratio {r['ratio_on_disk']:.3f}; payload {r['ratio']:.3f})")
         else:
             lines.append(f"cache {name}: {r['cache_bytes']} B vs Theia {r['theia_bytes']:.0f} B (ratio {r['ratio']:.3f}), "
-                         f"k={r['components']}x{r['bits']}bit of C={r['channels']}, token cos mean {r['dense_cos_mean']:.4f} "
+                         f"k={r['components']} ({_layout(r)}) of C={r['channels']}, token cos mean {r['dense_cos_mean']:.4f} "
                          f"p1 {r['dense_cos_p1']:.4f}")
     return "\n".join(lines)
 

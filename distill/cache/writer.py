@@ -183,7 +183,8 @@ def build_cache(
             codecs[t.name] = codec
             cos = token_cosines(codec.decode(*codec.encode(calib)), calib)
             cos_stats[t.name] = {"mean": float(cos.mean()), "p1": float(torch.quantile(cos, 0.01)),
-                                 "components": codec.components, "bits": codec.bits, "bytes_budget_per_token": per_token}
+                                 "components": codec.components, "bits": codec.bits, "head": codec.head,
+                                 "alpha": codec.alpha, "bytes_budget_per_token": per_token}
             if cos_stats[t.name]["mean"] < min_cosine:
                 warnings.warn(f"teacher cache: '{t.name}' reconstructs at mean token cosine {cos_stats[t.name]['mean']:.4f} "
                               f"< {min_cosine} within {max_ratio} of Theia's bytes; raise max_ratio (or set "
@@ -233,10 +234,11 @@ def build_cache(
     per_teacher = {}
     for t in teachers:
         tokens = grids[t.name][0] * grids[t.name][1]
-        payload = teacher_bytes(t.encoder.summary_dim, tokens, codecs[t.name].components, codecs[t.name].bits)
+        payload = teacher_bytes(t.encoder.summary_dim, tokens, codecs[t.name].bytes_per_token())
         per_teacher[t.name] = {
             "summary_dim": t.encoder.summary_dim, "dense_dim": t.encoder.dense_dim, "grid": grids[t.name],
-            "components": codecs[t.name].components, "bits": codecs[t.name].bits, "bytes_per_view": payload,
+            "components": codecs[t.name].components, "bits": codecs[t.name].bits, "head": codecs[t.name].head,
+            "alpha": codecs[t.name].alpha, "bytes_per_view": payload,
             "theia_bytes_per_image": theia[t.name] / n, "ratio_per_view": payload / (theia[t.name] / n),
             "calibration_cosine": cos_stats[t.name],
         }
@@ -245,7 +247,7 @@ def build_cache(
     meta = {
         "version": CACHE_VERSION, "image_size": image_size, "views": views, "min_scale": min_scale, "hflip": hflip,
         "seed": seed, "images": n, "skipped": stats["skipped"], "shards": stats["shards"],
-        "teachers": [{"name": t.name, **{k: per_teacher[t.name][k] for k in ("summary_dim", "grid", "components", "bits")}}
+        "teachers": [{"name": t.name, **{k: per_teacher[t.name][k] for k in ("summary_dim", "grid", "components", "bits", "head")}}
                      for t in teachers],
         "per_teacher": per_teacher,
         "bytes_per_image": {"targets_payload": tgt_size, "targets_on_disk": tar_member_bytes(tgt_size),
