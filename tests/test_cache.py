@@ -4,13 +4,16 @@ targets that resume exactly, and DistillModule training from cached targets with
 
 import json
 import tarfile
+import zlib
 
 import pytest
 import torch
 import yaml
 from PIL import Image
 
+from distill.cache.budget import compressed_bytes_per_token, fit_compressed
 from distill.cache.codec import PcaCodec, pca, token_cosines
+from distill.cache.layout import teacher_bytes
 from distill.cache.dataset import CachedViews
 from distill.cache.views import apply_view, draw_view
 from distill.data import DistillDataModule, ToyImages
@@ -79,6 +82,19 @@ def test_codec_with_an_int8_head_round_trips(tmp_path):
     assert torch.equal(loaded.decode(q, scale), codec.decode(q, scale))
     with pytest.raises(ValueError, match="int8 head"):
         PcaCodec(mean, vectors[:, :16], std[:16], bits=8, head=4)
+
+
+def test_fit_compressed_buys_components_with_the_bytes_zlib_saves():
+    """Codes of a decaying spectrum compress; the fitted codec's compressed bytes stay within the budget while
+    its raw bytes exceed it (more components than `fit_within` at the same budget), and it is more faithful."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4096, 64, generator=g) * torch.logspace(0, -1.5, 64)  # decaying variances
+    plain = PcaCodec.fit_within(tokens, 20)
+    codec, stored = fit_compressed(tokens, 20.0, tokens_per_view=64)
+    assert stored <= 20.0 and stored == pytest.approx(compressed_bytes_per_token(codec, tokens, 64))
+    assert codec.bytes_per_token() > 20 >= plain.bytes_per_token()
+    fidelity = [float(token_cosines(c.decode(*c.encode(tokens)), tokens).mean()) for c in (plain, codec)]
+    assert fidelity[1] > fidelity[0]
 
 
 def test_views_equal_the_training_augmentation():
@@ -153,6 +169,13 @@ def test_cache_files_and_bytes(cache_dir):
         member = tar.getmember(f"{rec['key']}.tgt")
         assert member.offset_data == rec["tgt"][0] and member.size == rec["tgt"][1]
         assert json.loads(tar.extractfile(f"{rec['key']}.json").read()) == rec["views"]
+        # the targets member is zlib data of exactly the layout's size: views x (summary fp16 + codes + scales)
+        raw = zlib.decompress(tar.extractfile(f"{rec['key']}.tgt").read())
+    codecs = {n: PcaCodec.load(cache_dir / f"codec-{n}.safetensors") for n in meta["per_teacher"]}
+    per_view = sum(teacher_bytes(t["summary_dim"], t["grid"][0] * t["grid"][1], codecs[t["name"]].bytes_per_token())
+                   for t in meta["teachers"])
+    assert meta["compression"] == "zlib" and len(raw) == 2 * per_view == meta["bytes_per_image"]["targets_payload"]
+    assert meta["bytes_per_image"]["targets_compressed"] < meta["bytes_per_image"]["targets_payload"]
 
 
 def test_cached_targets_match_teachers_on_the_student_crop(cache_dir, tiny_teacher_files):

@@ -13,6 +13,7 @@ used for the teachers, so targets and student crop match exactly (only the compr
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,10 @@ class CachedViews(Dataset):
         view = int(torch.randint(len(rec["views"]), ()).item()) if len(rec["views"]) > 1 else 0
         top, left, height, width, flip = rec["views"][view]
         pixels = apply_view(image, (top, left, height, width, bool(flip)), self.image_size)
-        targets = unpack_view(self._read(rec["shard"], *rec["tgt"]), view, self.meta["teachers"], self.codecs)
+        data = self._read(rec["shard"], *rec["tgt"])
+        if self.meta.get("compression") == "zlib":  # caches from before compression store the bytes as they are
+            data = zlib.decompress(data)
+        targets = unpack_view(data, view, self.meta["teachers"], self.codecs)
         return {"image": pixels, "targets": {name: targets[name] for name in self.wanted}}
 
 

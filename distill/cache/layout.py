@@ -16,6 +16,9 @@ from safetensors.torch import save
 from distill.cache.codec import PcaCodec
 
 
+TAR_RESERVE = 768  # bytes a .tgt member costs beyond its data: the 512-byte header + 256 of padding on average
+
+
 def teacher_bytes(summary_dim: int | None, tokens: int, bytes_per_token: int) -> int:
     """Bytes one view of one teacher takes in a `.tgt` member (`bytes_per_token`: the codec's codes + scales)."""
     return 2 * (summary_dim or 0) + tokens * bytes_per_token

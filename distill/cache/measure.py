@@ -7,16 +7,18 @@ reconstruction cosine, on a batch of images (no files written).
     report["total"] = {"theia_bytes": ..., "cache_bytes": ..., "cache_bytes_on_disk": ..., "ratio": ..., "ratio_on_disk": ...}
 
 The codecs are fitted on the first half of the images (as `build_cache` fits them on its calibration
-images, with the same byte budget: `max_ratio` of Theia's bytes on disk, tar overhead included) and the
-cosines are measured on the other half, per token (the 1st percentile is over all held-out tokens).
+images, with the same byte budget: `max_ratio` of Theia's bytes on disk, tar overhead included, codes
+zlib-compressed as the cache stores them: distill/cache/budget.py) and the cosines and compressed bytes
+are measured on the other half, per token (the 1st percentile is over all held-out tokens).
 """
 
 from __future__ import annotations
 
 import torch
 
-from distill.cache.codec import PcaCodec, token_cosines
-from distill.cache.layout import tar_member_bytes, teacher_bytes, theia_bytes
+from distill.cache.budget import compressed_bytes_per_token, fit_compressed
+from distill.cache.codec import token_cosines
+from distill.cache.layout import TAR_RESERVE, tar_member_bytes, teacher_bytes, theia_bytes
 
 
 def _tokens(dense: torch.Tensor) -> torch.Tensor:
@@ -37,12 +39,15 @@ def cache_report(teachers: list, images: torch.Tensor, max_ratio: float = 0.2, b
         summary = torch.cat([o.summary for o in outs]) if outs[0].summary is not None else None
         theia = sum(theia_bytes(None if summary is None else summary[i], dense[i]) for i in range(len(images))) / len(images)
         tokens_per_image = dense.shape[-2] * dense.shape[-1]
-        budget = max_ratio * theia - 1024 / len(teachers) - 2 * (summary.shape[1] if summary is not None else 0)
-        codec = PcaCodec.fit_within(_tokens(dense[:half]), int(budget // tokens_per_image))
+        budget = max_ratio * theia - TAR_RESERVE / len(teachers) - 2 * (summary.shape[1] if summary is not None else 0)
+        codec, _ = fit_compressed(_tokens(dense[:half]), budget / tokens_per_image, tokens_per_image)
         held = _tokens(dense[half:])
         cos = token_cosines(codec.decode(*codec.encode(held)), held)
-        size = teacher_bytes(None if summary is None else summary.shape[1], tokens_per_image, codec.bytes_per_token())
-        row = {"theia_bytes": theia, "cache_bytes": size, "ratio": size / theia, "channels": dense.shape[1],
+        raw = teacher_bytes(None if summary is None else summary.shape[1], tokens_per_image, codec.bytes_per_token())
+        # held-out images' codes compressed as the cache stores them (+ fp16 summaries, not compressed here)
+        size = round(2 * (summary.shape[1] if summary is not None else 0)
+                     + compressed_bytes_per_token(codec, held, tokens_per_image) * tokens_per_image)
+        row = {"theia_bytes": theia, "cache_bytes": size, "raw_bytes": raw, "ratio": size / theia, "channels": dense.shape[1],
                "grid": list(dense.shape[-2:]), "components": codec.components, "bits": codec.bits,
                "head": codec.head, "alpha": codec.alpha,
                "dense_cos_mean": float(cos.mean()), "dense_cos_p1": float(torch.quantile(cos, 0.01)),
@@ -71,7 +76,7 @@ def format_report(report: dict) -> str:
             lines.append(f"cache total: {r['cache_bytes_on_disk']} B/image on disk vs Theia bf16 {r['theia_bytes']:.0f} B "
                          f"(ratio {r['ratio_on_disk']:.3f}; payload {r['ratio']:.3f})")
         else:
-            lines.append(f"cache {name}: {r['cache_bytes']} B vs Theia {r['theia_bytes']:.0f} B (ratio {r['ratio']:.3f}), "
+            lines.append(f"cache {name}: {r['cache_bytes']} B zlib ({r['raw_bytes']} B raw) vs Theia {r['theia_bytes']:.0f} B (ratio {r['ratio']:.3f}), "
                          f"k={r['components']} ({_layout(r)}) of C={r['channels']}, token cos mean {r['dense_cos_mean']:.4f} "
                          f"p1 {r['dense_cos_p1']:.4f}")
     return "\n".join(lines)

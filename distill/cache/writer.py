@@ -8,7 +8,7 @@ Output folder:
     codec-<teacher>.safetensors   the PCA basis of each teacher (mean [C], basis [C, k], std [k])
     shard-000000.tar ...          webdataset shards: <key>.png (the decoded image, lossless), <key>.json
                                   (its views: [top, left, height, width, flip] each), <key>.tgt (targets,
-                                  distill/cache/layout.py)
+                                  distill/cache/layout.py, zlib-compressed: meta "compression")
     index.json                    per sample: shard, offsets and sizes of its png / tgt members, views
                                   (random access for training without scanning the tars)
 
@@ -26,6 +26,7 @@ import json
 import tarfile
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from distill.cache.budget import ZLIB_LEVEL, fit_compressed
 from distill.cache.codec import PcaCodec, token_cosines
-from distill.cache.layout import pack, tar_member_bytes, teacher_bytes, theia_bytes
+from distill.cache.layout import TAR_RESERVE, pack, tar_member_bytes, teacher_bytes, theia_bytes
 from distill.cache.views import apply_view, draw_view
 from distill.data.resumable import SeededSamples, SeededStream
 from distill.data.sources import ImageSource
@@ -121,6 +123,7 @@ def build_cache(
     theia = {t.name: 0 for t in teachers}
     grids: dict[str, list[int]] = {}
     cos_stats: dict[str, dict] = {}
+    stored = {"tgt": 0}  # compressed .tgt bytes written
     started = time.time()
 
     def flush_shard() -> None:
@@ -156,7 +159,9 @@ def build_cache(
                 q, scale = codecs[t.name].encode(_tokens(dense[v:v + 1]))
                 parts.append((summary[v] if summary is not None else None, q, scale))
         key = f"{stats['images']:09d}"
-        shard.append((key, sample, pack(parts)))
+        tgt = zlib.compress(pack(parts), ZLIB_LEVEL)
+        stored["tgt"] += len(tgt)
+        shard.append((key, sample, tgt))
         stats["images"] += 1
         if len(shard) >= shard_size:
             flush_shard()
@@ -171,20 +176,20 @@ def build_cache(
             # the largest k whose bytes on disk stay within max_ratio of Theia's bf16 layout for this teacher:
             # its share of the tar member overhead (512-byte header + up to 511 bytes of padding) included
             theia_view = theia[t.name] / len(pending)
-            overhead = 1024 / len(teachers)
+            overhead = TAR_RESERVE / len(teachers)
             budget = (max_ratio * theia_view - overhead) / views - 2 * (summary_dim or 0)
-            per_token = int(budget // tokens_per_view)
+            per_token = budget / tokens_per_view
             if per_token < 4:  # tiny maps: the tar overhead alone exceeds the budget; count the payload only
-                per_token = max(4, int((max_ratio * theia_view / views - 2 * (summary_dim or 0)) // tokens_per_view))
+                per_token = max(4.0, (max_ratio * theia_view / views - 2 * (summary_dim or 0)) / tokens_per_view)
                 warnings.warn(f"teacher cache: '{t.name}' has {tokens_per_view} tokens per view, too few for the tar "
                               f"member overhead to fit in {max_ratio} of Theia's bytes; budgeting the payload only.")
             fixed = (components or {}).get(t.name)
-            codec = PcaCodec.fit(calib, components=fixed) if fixed else PcaCodec.fit_within(calib, per_token)
+            codec = PcaCodec.fit(calib, components=fixed) if fixed else fit_compressed(calib, per_token, tokens_per_view)[0]
             codecs[t.name] = codec
             cos = token_cosines(codec.decode(*codec.encode(calib)), calib)
             cos_stats[t.name] = {"mean": float(cos.mean()), "p1": float(torch.quantile(cos, 0.01)),
                                  "components": codec.components, "bits": codec.bits, "head": codec.head,
-                                 "alpha": codec.alpha, "bytes_budget_per_token": per_token}
+                                 "alpha": codec.alpha, "bytes_budget_per_token": round(per_token, 2)}
             if cos_stats[t.name]["mean"] < min_cosine:
                 warnings.warn(f"teacher cache: '{t.name}' reconstructs at mean token cosine {cos_stats[t.name]['mean']:.4f} "
                               f"< {min_cosine} within {max_ratio} of Theia's bytes; raise max_ratio (or set "
@@ -250,9 +255,12 @@ def build_cache(
         "teachers": [{"name": t.name, **{k: per_teacher[t.name][k] for k in ("summary_dim", "grid", "components", "bits", "head")}}
                      for t in teachers],
         "per_teacher": per_teacher,
-        "bytes_per_image": {"targets_payload": tgt_size, "targets_on_disk": tar_member_bytes(tgt_size),
+        "compression": "zlib",
+        "bytes_per_image": {"targets_payload": tgt_size, "targets_compressed": stored["tgt"] / max(n, 1),
+                            "targets_on_disk": tar_member_bytes(round(stored["tgt"] / max(n, 1))),
                             "theia_bf16": theia_total, "ratio_payload": tgt_size / theia_total,
-                            "ratio_on_disk": tar_member_bytes(tgt_size) / theia_total},
+                            "ratio_compressed": stored["tgt"] / max(n, 1) / theia_total,
+                            "ratio_on_disk": tar_member_bytes(round(stored["tgt"] / max(n, 1))) / theia_total},
         "seconds": round(time.time() - started, 1),
     }
     save_json({"samples": index}, out / "index.json")
