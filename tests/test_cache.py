@@ -178,6 +178,32 @@ def test_cache_files_and_bytes(cache_dir):
     assert meta["bytes_per_image"]["targets_compressed"] < meta["bytes_per_image"]["targets_payload"]
 
 
+def test_uncompressed_caches_from_before_zlib_still_load(tmp_path, monkeypatch, cache_dir, tiny_teacher_files):
+    """A cache whose .tgt members are stored raw and whose meta.json has no "compression" (the layout before
+    zlib) reads back the same targets as the compressed cache built from the same images."""
+    from distill.cache import writer
+    from distill.cli import main
+
+    monkeypatch.setattr(writer, "_store", lambda data: data)
+    out = tmp_path / "raw"
+    main(["cache", "-c", str(fit_config(tmp_path, tiny_teacher_files)), "--out", str(out), "--views", "2",
+          "--shard-size", "10", "--calibration-images", "12", "--workers", "0"])
+    meta = json.loads((out / "meta.json").read_text())
+    meta.pop("compression")
+    (out / "meta.json").write_text(json.dumps(meta))
+    old, new = CachedViews(out, IMAGE), CachedViews(cache_dir, IMAGE)
+    assert old.samples[5]["tgt"][1] > new.samples[5]["tgt"][1]  # raw members are larger
+    for index in (0, 5, 23):
+        torch.manual_seed(index)
+        a = old[index]
+        torch.manual_seed(index)
+        b = new[index]
+        assert torch.equal(a["image"], b["image"])
+        for name in a["targets"]:
+            for part in a["targets"][name]:
+                assert torch.equal(a["targets"][name][part], b["targets"][name][part]), (name, part)
+
+
 def test_cached_targets_match_teachers_on_the_student_crop(cache_dir, tiny_teacher_files):
     """Targets read back for the crop the student gets are the codec's reconstruction of the teachers run on
     that crop: the route adds nothing to the compression error (the summary is fp16)."""

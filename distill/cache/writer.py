@@ -77,6 +77,11 @@ def _tokens(dense: torch.Tensor) -> torch.Tensor:
     return dense.flatten(2).transpose(1, 2).reshape(-1, dense.shape[1])
 
 
+def _store(data: bytes) -> bytes:
+    """A `.tgt` member as written: the packed targets, zlib-compressed (meta.json "compression": "zlib")."""
+    return zlib.compress(data, ZLIB_LEVEL)
+
+
 def build_cache(
     teachers: list,
     source: ImageSource,
@@ -159,7 +164,7 @@ def build_cache(
                 q, scale = codecs[t.name].encode(_tokens(dense[v:v + 1]))
                 parts.append((summary[v] if summary is not None else None, q, scale))
         key = f"{stats['images']:09d}"
-        tgt = zlib.compress(pack(parts), ZLIB_LEVEL)
+        tgt = _store(pack(parts))
         stored["tgt"] += len(tgt)
         shard.append((key, sample, tgt))
         stats["images"] += 1
