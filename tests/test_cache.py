@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from distill.cache.budget import compressed_bytes_per_token, fit_compressed
+from distill.cache.budget import allocate, compressed_bytes_per_token, fit_compressed
 from distill.cache.codec import PcaCodec, pca, token_cosines
 from distill.cache.layout import teacher_bytes
 from distill.cache.dataset import CachedViews
@@ -95,6 +95,25 @@ def test_fit_compressed_buys_components_with_the_bytes_zlib_saves():
     assert codec.bytes_per_token() > 20 >= plain.bytes_per_token()
     fidelity = [float(token_cosines(c.decode(*c.encode(tokens)), tokens).mean()) for c in (plain, codec)]
     assert fidelity[1] > fidelity[0]
+
+
+def test_allocate_moves_bytes_to_the_teacher_that_needs_them():
+    """One budget for all teachers: an easy (rank-4) teacher gives bytes to a hard (flat-spectrum) one; the total
+    compressed bytes stay within the summed budget and the worst cosine is at least the equal split's."""
+    g = torch.Generator().manual_seed(0)
+    easy = torch.randn(2048, 4, generator=g) @ torch.randn(4, 48, generator=g) + 0.01 * torch.randn(2048, 48, generator=g)
+    hard = torch.randn(2048, 48, generator=g) * torch.logspace(0, -0.5, 48)
+    teachers = {"easy": (easy, 14.0, 64), "hard": (hard, 14.0, 64)}
+    chosen = allocate(teachers)
+    equal = {n: fit_compressed(t, b, v)[0] for n, (t, b, v) in teachers.items()}
+
+    def cos(codec, tokens):
+        return float(token_cosines(codec.decode(*codec.encode(tokens)), tokens).mean())
+
+    stored = sum(compressed_bytes_per_token(chosen[n], t, v) * v for n, (t, _, v) in teachers.items())
+    assert stored <= 2 * 14.0 * 64 + 1e-6
+    assert chosen["hard"].components > equal["hard"].components and chosen["easy"].components < equal["easy"].components
+    assert min(cos(chosen[n], t) for n, (t, _, _) in teachers.items()) > min(cos(equal[n], t) for n, (t, _, _) in teachers.items())
 
 
 def test_views_equal_the_training_augmentation():

@@ -6,22 +6,31 @@ zlib stores them in less space: measured on random-init DINOv2-S / open_clip ViT
 the saved bytes buy more PCA components at the same budget.
 
     codec, stored = fit_compressed(calibration_tokens, bytes_per_token=30.5, tokens_per_view=256)
+    codecs = allocate({"clip": (clip_tokens, 30.5, 256), "sam": (sam_tokens, 20.0, 4096)})   # one shared budget
 
 `fit_compressed` fits `PcaCodec.fit_within` at a raw budget, measures the compressed bytes per token on the
 calibration tokens (compressed one view's worth of tokens at a time, as the cache stores them), and rescales
 the raw budget by the measured ratio until the compressed size fits (a few rounds). The bytes are an average
 over the calibration views: one image may take a little more, the cache's total does not.
+
+`allocate` spends the teachers' budgets together: the goal is the cache's total bytes, so bytes move from a
+teacher that reconstructs easily (the toy SAM: 0.999 at its share) to one that does not (the toy CLIP). Each
+teacher is fitted at several shares of its own budget; the combination within the summed budget with the
+highest lowest calibration cosine (then the highest sum) wins.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import zlib
 
 import torch
 
-from distill.cache.codec import PcaCodec
+from distill.cache.codec import PcaCodec, token_cosines
 
 ZLIB_LEVEL = 9
+SHARES = (0.6, 0.75, 0.9, 1.0, 1.15, 1.3, 1.5)  # fractions of a teacher's own budget `allocate` tries
 
 
 def codes_bytes(codec: PcaCodec, tokens: torch.Tensor) -> bytes:
@@ -71,3 +80,39 @@ def fit_compressed(tokens: torch.Tensor, bytes_per_token: float, tokens_per_view
         codec = PcaCodec.fit_within(tokens, max(4, int(bytes_per_token)))
         return codec, compressed_bytes_per_token(codec, tokens, tokens_per_view)
     return fits[max(fits)]
+
+
+def allocate(teachers: dict[str, tuple[torch.Tensor, float, int]], shares: tuple[float, ...] = SHARES,
+             max_combinations: int = 100_000) -> dict[str, PcaCodec]:
+    """{teacher: codec} within the teachers' summed budget (see the module docstring).
+
+    Args:
+        teachers: {name: (calibration tokens [N, C], its budget in bytes per token, tokens per view)}.
+        shares: the fractions of each teacher's budget tried (1.0 must be among them: the equal split always fits).
+        max_combinations: above this many combinations every teacher keeps its own budget.
+    """
+    if 1.0 not in shares:
+        raise ValueError(f"allocate: shares must include 1.0 (each teacher's own budget), got {shares}")
+    names = list(teachers)
+    if math.prod([len(shares)] * len(names)) > max_combinations:
+        shares = (1.0,)
+    options: dict[str, list[tuple[float, float, PcaCodec]]] = {}
+    for name, (tokens, per_token, per_view) in teachers.items():
+        options[name] = []
+        for share in shares:
+            codec, stored = fit_compressed(tokens, per_token * share, per_view)
+            cos = float(token_cosines(codec.decode(*codec.encode(tokens)), tokens).mean())
+            options[name].append((stored * per_view, cos, codec))
+    total = sum(per_token * per_view for _, per_token, per_view in teachers.values())
+    equal = shares.index(1.0)
+    even = tuple(equal for _ in names)  # every teacher at its own budget: allowed even if zlib overshot
+    best, best_key = even, None
+    for combo in itertools.product(range(len(shares)), repeat=len(names)):
+        size = sum(options[n][i][0] for n, i in zip(names, combo))
+        if size > total * (1 + 1e-9) and combo != even:
+            continue
+        cosines = [options[n][i][1] for n, i in zip(names, combo)]
+        key = (min(cosines), sum(cosines))
+        if best_key is None or key > best_key:
+            best, best_key = combo, key
+    return {n: options[n][i][2] for n, i in zip(names, best)}

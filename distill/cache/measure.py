@@ -7,8 +7,8 @@ reconstruction cosine, on a batch of images (no files written).
     report["total"] = {"theia_bytes": ..., "cache_bytes": ..., "cache_bytes_on_disk": ..., "ratio": ..., "ratio_on_disk": ...}
 
 The codecs are fitted on the first half of the images (as `build_cache` fits them on its calibration
-images, with the same byte budget: `max_ratio` of Theia's bytes on disk, tar overhead included, codes
-zlib-compressed as the cache stores them: distill/cache/budget.py) and the cosines and compressed bytes
+images, with the same byte budget: `max_ratio` of Theia's bytes on disk for all teachers together, tar
+overhead included, codes zlib-compressed as the cache stores them: distill/cache/budget.py) and the cosines and compressed bytes
 are measured on the other half, per token (the 1st percentile is over all held-out tokens).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.cache.budget import compressed_bytes_per_token, fit_compressed
+from distill.cache.budget import allocate, compressed_bytes_per_token
 from distill.cache.codec import token_cosines
 from distill.cache.layout import TAR_RESERVE, tar_member_bytes, teacher_bytes, theia_bytes
 
@@ -33,6 +33,7 @@ def cache_report(teachers: list, images: torch.Tensor, max_ratio: float = 0.2, b
     half = len(images) // 2
     report: dict = {}
     cache_total, theia_total = 0, 0.0
+    features, budgets = {}, {}
     for t in teachers:
         outs = [t.targets(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
         dense = torch.cat([o.dense for o in outs])
@@ -40,7 +41,12 @@ def cache_report(teachers: list, images: torch.Tensor, max_ratio: float = 0.2, b
         theia = sum(theia_bytes(None if summary is None else summary[i], dense[i]) for i in range(len(images))) / len(images)
         tokens_per_image = dense.shape[-2] * dense.shape[-1]
         budget = max_ratio * theia - TAR_RESERVE / len(teachers) - 2 * (summary.shape[1] if summary is not None else 0)
-        codec, _ = fit_compressed(_tokens(dense[:half]), budget / tokens_per_image, tokens_per_image)
+        features[t.name] = (dense, summary, theia)
+        budgets[t.name] = (_tokens(dense[:half]), budget / tokens_per_image, tokens_per_image)
+    codecs = allocate(budgets)  # one budget for all teachers, as build_cache spends it
+    for t in teachers:
+        (dense, summary, theia), codec = features[t.name], codecs[t.name]
+        tokens_per_image = dense.shape[-2] * dense.shape[-1]
         held = _tokens(dense[half:])
         cos = token_cosines(codec.decode(*codec.encode(held)), held)
         raw = teacher_bytes(None if summary is None else summary.shape[1], tokens_per_image, codec.bytes_per_token())

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from distill.cache.budget import ZLIB_LEVEL, fit_compressed
+from distill.cache.budget import ZLIB_LEVEL, allocate
 from distill.cache.codec import PcaCodec, token_cosines
 from distill.cache.layout import TAR_RESERVE, pack, tar_member_bytes, teacher_bytes, theia_bytes
 from distill.cache.views import apply_view, draw_view
@@ -172,14 +172,16 @@ def build_cache(
             flush_shard()
 
     def fit_codecs() -> None:
+        budgets, calibration = {}, {}
         for t in teachers:
             calib = torch.cat([_tokens(o[t.name][1]) for _, o in pending])
             if len(calib) > calibration_tokens:
                 calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))[:calibration_tokens]]
+            calibration[t.name] = calib
             summary_dim = t.encoder.summary_dim
             tokens_per_view = grids[t.name][0] * grids[t.name][1]
-            # the largest k whose bytes on disk stay within max_ratio of Theia's bf16 layout for this teacher:
-            # its share of the tar member overhead (512-byte header + up to 511 bytes of padding) included
+            # this teacher's share of the budget: max_ratio of its Theia bf16 bytes, less its share of the tar
+            # member overhead (512-byte header + padding); `allocate` then moves bytes between teachers
             theia_view = theia[t.name] / len(pending)
             overhead = TAR_RESERVE / len(teachers)
             budget = (max_ratio * theia_view - overhead) / views - 2 * (summary_dim or 0)
@@ -188,13 +190,18 @@ def build_cache(
                 per_token = max(4.0, (max_ratio * theia_view / views - 2 * (summary_dim or 0)) / tokens_per_view)
                 warnings.warn(f"teacher cache: '{t.name}' has {tokens_per_view} tokens per view, too few for the tar "
                               f"member overhead to fit in {max_ratio} of Theia's bytes; budgeting the payload only.")
-            fixed = (components or {}).get(t.name)
-            codec = PcaCodec.fit(calib, components=fixed) if fixed else fit_compressed(calib, per_token, tokens_per_view)[0]
-            codecs[t.name] = codec
+            budgets[t.name] = (per_token, tokens_per_view)
+        fixed = components or {}
+        for t in teachers:
+            if t.name in fixed:
+                codecs[t.name] = PcaCodec.fit(calibration[t.name], components=fixed[t.name])
+        codecs.update(allocate({t.name: (calibration[t.name], *budgets[t.name]) for t in teachers if t.name not in fixed}))
+        for t in teachers:
+            codec, calib = codecs[t.name], calibration[t.name]
             cos = token_cosines(codec.decode(*codec.encode(calib)), calib)
             cos_stats[t.name] = {"mean": float(cos.mean()), "p1": float(torch.quantile(cos, 0.01)),
                                  "components": codec.components, "bits": codec.bits, "head": codec.head,
-                                 "alpha": codec.alpha, "bytes_budget_per_token": round(per_token, 2)}
+                                 "alpha": codec.alpha, "bytes_budget_per_token": round(budgets[t.name][0], 2)}
             if cos_stats[t.name]["mean"] < min_cosine:
                 warnings.warn(f"teacher cache: '{t.name}' reconstructs at mean token cosine {cos_stats[t.name]['mean']:.4f} "
                               f"< {min_cosine} within {max_ratio} of Theia's bytes; raise max_ratio (or set "
