@@ -27,7 +27,7 @@ import zlib
 
 import torch
 
-from distill.cache.codec import PcaCodec, token_cosines
+from distill.cache.codec import PcaCodec, pca, token_cosines
 
 ZLIB_LEVEL = 9
 SHARES = (0.6, 0.75, 0.9, 1.0, 1.15, 1.3, 1.5)  # fractions of a teacher's own budget `allocate` tries
@@ -47,15 +47,17 @@ def compressed_bytes_per_token(codec: PcaCodec, tokens: torch.Tensor, tokens_per
 
 
 def fit_compressed(tokens: torch.Tensor, bytes_per_token: float, tokens_per_view: int,
-                   rounds: int = 8) -> tuple[PcaCodec, float]:
+                   rounds: int = 8, fitted: tuple | None = None) -> tuple[PcaCodec, float]:
     """(codec, its compressed bytes per token): the codec with the largest raw budget found whose compressed
     codes fit in `bytes_per_token` on `tokens` (see the module docstring). The raw budget is first scaled by
-    the measured compression, then bisected between the largest that fits and the smallest that does not."""
+    the measured compression, then bisected between the largest that fits and the smallest that does not.
+    `fitted`: `pca(tokens)` if already computed."""
+    fitted = fitted if fitted is not None else pca(tokens)
     fits: dict[int, tuple[PcaCodec, float]] = {}
     over: set[int] = set()
 
     def trial(raw: int) -> float:
-        codec = PcaCodec.fit_within(tokens, raw)
+        codec = PcaCodec.fit_within(tokens, raw, fitted)
         stored = compressed_bytes_per_token(codec, tokens, tokens_per_view)
         (fits.__setitem__(raw, (codec, stored)) if stored <= bytes_per_token else over.add(raw))
         return stored
@@ -77,7 +79,7 @@ def fit_compressed(tokens: torch.Tensor, bytes_per_token: float, tokens_per_view
             break
         stored = trial(raw)
     if not fits:
-        codec = PcaCodec.fit_within(tokens, max(4, int(bytes_per_token)))
+        codec = PcaCodec.fit_within(tokens, max(4, int(bytes_per_token)), fitted)
         return codec, compressed_bytes_per_token(codec, tokens, tokens_per_view)
     return fits[max(fits)]
 
@@ -99,8 +101,9 @@ def allocate(teachers: dict[str, tuple[torch.Tensor, float, int]], shares: tuple
     options: dict[str, list[tuple[float, float, PcaCodec]]] = {}
     for name, (tokens, per_token, per_view) in teachers.items():
         options[name] = []
+        fitted = pca(tokens)
         for share in shares:
-            codec, stored = fit_compressed(tokens, per_token * share, per_view)
+            codec, stored = fit_compressed(tokens, per_token * share, per_view, fitted=fitted)
             cos = float(token_cosines(codec.decode(*codec.encode(tokens)), tokens).mean())
             options[name].append((stored * per_view, cos, codec))
     total = sum(per_token * per_view for _, per_token, per_view in teachers.values())

@@ -122,10 +122,12 @@ class PcaCodec:
         return codec
 
     @classmethod
-    def fit_within(cls, tokens: torch.Tensor, bytes_per_token: int) -> "PcaCodec":
+    def fit_within(cls, tokens: torch.Tensor, bytes_per_token: int,
+                   fitted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> "PcaCodec":
         """The codec of at most `bytes_per_token` with the best calibration mean cosine among the layouts
-        int8, 4-bit, and int8 head (HEADS) + 4-bit, each at alpha 0.5 and 1 (see the module docstring)."""
-        mean, vectors, std = pca(tokens)
+        int8, 4-bit, and int8 head (HEADS) + 4-bit, each at alpha 0.5 and 1 (see the module docstring).
+        `fitted`: `pca(tokens)` when the caller already has it (budget searches fit many budgets)."""
+        mean, vectors, std = fitted if fitted is not None else pca(tokens)
         channels, best, best_cos = tokens.shape[1], None, -2.0
         layouts = [(8, 0), (4, 0)] + [(4, h) for h in HEADS if h < channels]
         for bits, head in layouts:
