@@ -28,9 +28,22 @@ import zlib
 import torch
 
 from distill.cache.codec import PcaCodec, pca, token_cosines
+from distill.cache.layout import TAR_RESERVE
 
 ZLIB_LEVEL = 9
 SHARES = (0.6, 0.75, 0.9, 1.0, 1.15, 1.3, 1.5)  # fractions of a teacher's own budget `allocate` tries
+
+
+def per_token_budget(max_ratio: float, theia_view: float, teachers: int, views: int, summary_dim: int | None,
+                     tokens_per_view: int) -> tuple[float, bool]:
+    """(bytes per token, whether the tar overhead had to be left out) for one teacher's codes: `max_ratio` of
+    its Theia bf16 bytes per image, less its share of a `.tgt` member's overhead (TAR_RESERVE over the
+    teachers), split over the `views` stored per image, less its fp16 summary. Maps so small that the overhead
+    alone exceeds the budget get the payload's budget (at least 4 bytes per token), flagged True."""
+    budget = (max_ratio * theia_view - TAR_RESERVE / teachers) / views - 2 * (summary_dim or 0)
+    if budget / tokens_per_view >= 4:
+        return budget / tokens_per_view, False
+    return max(4.0, (max_ratio * theia_view / views - 2 * (summary_dim or 0)) / tokens_per_view), True
 
 
 def codes_bytes(codec: PcaCodec, tokens: torch.Tensor) -> bytes:

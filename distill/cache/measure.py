@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from distill.cache.budget import allocate, compressed_bytes_per_token
+from distill.cache.budget import allocate, compressed_bytes_per_token, per_token_budget
 from distill.cache.codec import token_cosines
-from distill.cache.layout import TAR_RESERVE, tar_member_bytes, teacher_bytes, theia_bytes
+from distill.cache.layout import tar_member_bytes, teacher_bytes, theia_bytes
 
 
 def _tokens(dense: torch.Tensor) -> torch.Tensor:
@@ -40,9 +40,9 @@ def cache_report(teachers: list, images: torch.Tensor, max_ratio: float = 0.2, b
         summary = torch.cat([o.summary for o in outs]) if outs[0].summary is not None else None
         theia = sum(theia_bytes(None if summary is None else summary[i], dense[i]) for i in range(len(images))) / len(images)
         tokens_per_image = dense.shape[-2] * dense.shape[-1]
-        budget = max_ratio * theia - TAR_RESERVE / len(teachers) - 2 * (summary.shape[1] if summary is not None else 0)
+        per_token, _ = per_token_budget(max_ratio, theia, len(teachers), 1, t.encoder.summary_dim, tokens_per_image)
         features[t.name] = (dense, summary, theia)
-        budgets[t.name] = (_tokens(dense[:half]), budget / tokens_per_image, tokens_per_image)
+        budgets[t.name] = (_tokens(dense[:half]), per_token, tokens_per_image)
     codecs = allocate(budgets)  # one budget for all teachers, as build_cache spends it
     for t in teachers:
         (dense, summary, theia), codec = features[t.name], codecs[t.name]

@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from distill.cache.budget import ZLIB_LEVEL, allocate
+from distill.cache.budget import ZLIB_LEVEL, allocate, per_token_budget
 from distill.cache.codec import PcaCodec, token_cosines
-from distill.cache.layout import TAR_RESERVE, pack, tar_member_bytes, teacher_bytes, theia_bytes
+from distill.cache.layout import pack, tar_member_bytes, teacher_bytes, theia_bytes
 from distill.cache.views import apply_view, draw_view
 from distill.data.resumable import SeededSamples, SeededStream
 from distill.data.sources import ImageSource
@@ -178,16 +178,11 @@ def build_cache(
             if len(calib) > calibration_tokens:
                 calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))[:calibration_tokens]]
             calibration[t.name] = calib
-            summary_dim = t.encoder.summary_dim
             tokens_per_view = grids[t.name][0] * grids[t.name][1]
-            # this teacher's share of the budget: max_ratio of its Theia bf16 bytes, less its share of the tar
-            # member overhead (512-byte header + padding); `allocate` then moves bytes between teachers
-            theia_view = theia[t.name] / len(pending)
-            overhead = TAR_RESERVE / len(teachers)
-            budget = (max_ratio * theia_view - overhead) / views - 2 * (summary_dim or 0)
-            per_token = budget / tokens_per_view
-            if per_token < 4:  # tiny maps: the tar overhead alone exceeds the budget; count the payload only
-                per_token = max(4.0, (max_ratio * theia_view / views - 2 * (summary_dim or 0)) / tokens_per_view)
+            # this teacher's share of the budget; `allocate` then moves bytes between teachers
+            per_token, tiny = per_token_budget(max_ratio, theia[t.name] / len(pending), len(teachers), views,
+                                               t.encoder.summary_dim, tokens_per_view)
+            if tiny:
                 warnings.warn(f"teacher cache: '{t.name}' has {tokens_per_view} tokens per view, too few for the tar "
                               f"member overhead to fit in {max_ratio} of Theia's bytes; budgeting the payload only.")
             budgets[t.name] = (per_token, tokens_per_view)
