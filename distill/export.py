@@ -29,7 +29,9 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     """Read a Lightning checkpoint written by DistillModule (tensors and plain data only)."""
     ckpt = Path(ckpt)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"Checkpoint {ckpt} does not exist; pass the .ckpt of a `python -m distill fit` run.")
+        where = "" if ckpt.is_absolute() else f" (in {Path.cwd()})"
+        raise FileNotFoundError(f"Checkpoint {ckpt}{where} does not exist; pass the .ckpt of a `unitower distill fit` "
+                                "run (e.g. runs/distill/toy/last.ckpt).")
     checkpoint = read_checkpoint(ckpt, "distill export --ckpt")  # weights_only=True always
     if "unitower" not in checkpoint:
         raise ValueError(f"{ckpt} has no 'unitower' metadata: it was not written by distill.module.DistillModule.")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from mllm.recipes import read_tower
+from mllm.recipes import read_tower, resolve_config
 
 STUDENT_PLACEHOLDER = "{student}"
 KINDS = ("single", "ensemble", "student", "control")
@@ -77,7 +77,8 @@ class Study:
     """A whole comparison study.
 
     Args:
-        align_recipe: configs/mllm YAML of the align stage (its tower is replaced per variant).
+        align_recipe: configs/mllm YAML of the align stage (its tower is replaced per variant). The three recipe
+            paths are read relative to the cwd first, then as shipped recipes (mllm/recipes.py `resolve_config`).
         finetune_recipe: configs/mllm YAML of the finetune stage.
         distill_recipe: configs/distill YAML used to distill the student when ``student`` is None.
         student: an existing ``python -m distill export`` folder (skips distillation).
@@ -119,6 +120,8 @@ def load_study(path: str | Path) -> Study:
         raise FileNotFoundError(f"study config {path} does not exist; see configs/study/ for examples.")
     cfg = parser.instantiate_classes(parser.parse_path(path))
     study = Study(**{k: v for k, v in vars(cfg).items() if not k.startswith("__")})
+    for key in ("align_recipe", "finetune_recipe", "distill_recipe"):  # the cwd first, then the shipped recipes
+        setattr(study, key, str(resolve_config(getattr(study, key), f"{path}: {key}")))
     for variant in study.variants:  # nested tower configs may come back as jsonargparse Namespaces
         variant.tower = _plain(read_tower(variant.tower, Path(path).parent, f"{path}: variant {variant.name!r}"))
     names = [v.name for v in study.variants]
