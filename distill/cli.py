@@ -2,7 +2,7 @@
 
     python -m distill fit -c configs/distill/toy.yaml            # train (add --ckpt_path X.ckpt to resume)
     python -m distill validate -c configs/distill/toy.yaml --ckpt_path X.ckpt
-    python -m distill export --ckpt X.ckpt --out DIR [--with-adaptors]
+    python -m distill export --ckpt X.ckpt --out DIR [--with-adaptors] [--onnx]   # --onnx: also DIR/student.onnx
     python -m distill cache -c configs/distill/toy.yaml --out DIR --images N   # teacher-feature cache
 
 fit/validate are LightningCLI subcommands: every constructor argument of DistillModule,
@@ -109,9 +109,31 @@ def export_cli(args: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="a checkpoint of `python -m distill fit`")
     parser.add_argument("--out", required=True, help="output folder (timm local-dir format)")
     parser.add_argument("--with-adaptors", action="store_true", help="also write the per-teacher adaptor heads")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write OUT/student.onnx (images [B,3,H,W] in [0,1], dynamic batch and size; with "
+                             "--with-adaptors the heads' outputs too); needs pip install 'unitower[onnx]'")
     opts = parser.parse_args(args)
-    out = export_student(opts.ckpt, opts.out, with_adaptors=opts.with_adaptors)
+    out = export_student(opts.ckpt, opts.out, with_adaptors=opts.with_adaptors, onnx=opts.onnx)
     print(f"exported student to {out}; load with timm.create_model('local-dir:{out}', pretrained=True)")
+    if opts.onnx:
+        report_onnx(out, opts.with_adaptors)
+
+
+def report_onnx(out: str, with_adaptors: bool) -> None:
+    """Print where the ONNX file is and, with onnxruntime installed, how far it is from PyTorch at two sizes."""
+    import importlib.util
+
+    from distill.model import StudentModel
+    from distill.onnx_export import ONNX_FILE, check_sizes, compare_onnx
+
+    path = f"{out}/{ONNX_FILE}"
+    if importlib.util.find_spec("onnxruntime") is None:
+        print(f"wrote {path} (not checked: onnxruntime is not installed)")
+        return
+    student = StudentModel.from_export(out, adaptors=None if with_adaptors else [])
+    diffs = compare_onnx(student, path, check_sizes(student), with_adaptors=with_adaptors)
+    figures = ", ".join(f"{diff:.2g} at {size}" for size, diff in diffs.items())
+    print(f"wrote {path}; onnxruntime vs PyTorch, max abs diff: {figures}")
 
 
 def main(argv: list[str] | None = None) -> None:

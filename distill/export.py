@@ -1,6 +1,6 @@
 """Export a trained student from a distillation checkpoint for other tools.
 
-    python -m distill export --ckpt runs/distill/toy/last.ckpt --out exports/toy [--with-adaptors]
+    python -m distill export --ckpt runs/distill/toy/last.ckpt --out exports/toy [--with-adaptors] [--onnx]
 
 The checkpoint's `student.*` weights are loaded into distill.model.StudentModel, which writes itself
 (`StudentModel.export`): the backbone with timm's own `save_for_hf` (config.json + model.safetensors), so any of
@@ -14,6 +14,8 @@ rebuilds the backbone without unitower installed. `num_classes` stays out of `mo
 the summary token of teacher config["unitower"]["summary_names"][i]. With --with-adaptors,
 adaptors.safetensors and adaptors.json hold the per-teacher heads and, for dense_loss=mse, their fixed
 feature normalizers ("<teacher>.norm.*"), plus the token layout (load them with StudentModel.from_export).
+With --onnx, student.onnx holds the same model for ONNX runtimes (distill/onnx_export.py: dynamic batch and
+image size; with --with-adaptors the heads' predictions are outputs too).
 """
 
 from __future__ import annotations
@@ -55,8 +57,18 @@ def student_from_checkpoint(ckpt: str | Path) -> tuple[StudentModel, dict]:
     return model, meta
 
 
-def export_student(ckpt: str | Path, out: str | Path, with_adaptors: bool = False) -> Path:
-    """Write the student backbone (and optionally the adaptor heads) from `ckpt` into folder `out`."""
+def export_student(ckpt: str | Path, out: str | Path, with_adaptors: bool = False, onnx: bool = False) -> Path:
+    """Write the student backbone (and optionally the adaptor heads) from `ckpt` into folder `out`; with `onnx`
+    also out/student.onnx (with the heads' outputs when `with_adaptors`; see distill/onnx_export.py)."""
+    if onnx:
+        from distill.onnx_export import check_onnx_packages
+
+        check_onnx_packages()  # before any work: a missing extra is reported at once
     model, meta = student_from_checkpoint(ckpt)
     extra = {"teachers": meta["teachers"], "dense_loss": meta["dense_loss"], "dense_norm": meta.get("dense_norm")}
-    return model.export(out, with_adaptors=with_adaptors, extra=extra)
+    folder = model.export(out, with_adaptors=with_adaptors, extra=extra)
+    if onnx:
+        from distill.onnx_export import ONNX_FILE, export_onnx
+
+        export_onnx(model, folder / ONNX_FILE, with_adaptors=with_adaptors)
+    return folder
