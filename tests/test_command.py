@@ -151,6 +151,9 @@ def test_user_errors_are_one_line_with_a_nonzero_exit(tmp_path, monkeypatch, cap
     assert "--debug shows the traceback" in err and not (tmp_path / "exported").exists()
     code, _, err = run_both(capsys, "study", "--config", "nope.yaml")
     assert code == 1 and err.startswith("unitower study: error: study config 'nope.yaml' does not exist"), err
+    (tmp_path / "bad.yaml").write_text((ROOT / "configs/study/toy.yaml").read_text().replace("grid: 2", "gird: 2"))
+    code, _, err = run_both(capsys, "study", "--config", "bad.yaml")  # jsonargparse's error, with the file named
+    assert code == 1 and "error: study config bad.yaml: Option 'gird' is not accepted" in err, err
 
 
 def test_debug_keeps_the_traceback_and_programming_errors_keep_theirs(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from mllm.recipes import read_tower, resolve_config
 
@@ -118,7 +118,11 @@ def load_study(path: str | Path) -> Study:
     parser = study_parser()
     if not Path(path).is_file():
         raise FileNotFoundError(f"study config {path} does not exist; see configs/study/ for examples.")
-    cfg = parser.instantiate_classes(parser.parse_path(path))
+    try:
+        cfg = parser.instantiate_classes(parser.parse_path(path))
+    except ArgumentError as error:  # jsonargparse names the key but not the file
+        raise ValueError(f"study config {path}: {' '.join(str(error).split())}; the keys and their types are "
+                         "Study and Budget in mllm/study/config.py.") from error
     study = Study(**{k: v for k, v in vars(cfg).items() if not k.startswith("__")})
     for key in ("align_recipe", "finetune_recipe", "distill_recipe"):  # the cwd first, then the shipped recipes
         setattr(study, key, str(resolve_config(getattr(study, key), f"{path}: {key}")))
