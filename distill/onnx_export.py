@@ -87,7 +87,8 @@ def max_patches(student: StudentModel) -> int | None:
 
 
 def export_onnx(student: StudentModel, path: str | Path, with_adaptors: bool = False) -> Path:
-    """Write `student` (backbone, and with `with_adaptors` every adaptor head) as ONNX to `path`, atomically.
+    """Write `student` (backbone, and with `with_adaptors` every adaptor head) as ONNX to `path`, atomically
+    (`student` is put in eval mode and float32 first: the file is the inference model).
 
     Raises ModuleNotFoundError without the exporter's packages and ValueError (what failed, what to do) when
     torch's exporter cannot convert the model."""
