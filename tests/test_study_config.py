@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from mllm.study.config import load_study, with_budget
-from mllm.study.runner import config_key, select_variants, stage_config, variant_tower
+from mllm.study.runner import config_key, select_variants, variant_tower
+from mllm.study.toy import stage_config
 
 ROOT = Path(__file__).parents[1]
 STUDIES = sorted((ROOT / "configs" / "study").glob("*.yaml"))
