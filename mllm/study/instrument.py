@@ -1,6 +1,7 @@
 """The toy study's measuring instrument: what the towers know and what a blind answerer gets, independent of
 any LLaVA run. `Features` caches every variant's frozen tokens (towers, and the `blind` / `oracle` controls
-with no tower), `probe_variant` fits the linear probes on them, `questions` lists the held-out questions
+with no tower), `probe_variant` fits the linear probes on them (also on the probe-only controls: untrained towers and raw
+pixels), `questions` lists the held-out questions
 every run answers and `text_prior` scores the best image-blind answerer.
 
     features = Features(study, budget, out_dir, students)
@@ -48,8 +49,7 @@ class Features:
     def paths(self, variant: Variant, seed: int) -> dict[int, str]:
         """{world seed: cache file} for the training (0) and held-out (1000) images; measures the tower's
         cost (parameters, GFLOPs, ms per image) the first time a variant is seen."""
-        from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
-        from mllm.features import blind_tokens, cache_features, oracle_tokens, tower_tokens
+        from mllm.features import blind_tokens, oracle_tokens, tower_tokens
 
         size, grid = self.study.image_size, self.study.grid or 8
         if variant.kind == "control":
@@ -65,10 +65,43 @@ class Features:
 
             def make(world: int, n: int) -> torch.Tensor:
                 return tower_tokens(self.tower(config), self.images(world), desc=f"{variant.name} tokens")
+        return self._cache(variant.name, config, make)
+
+    def untrained_paths(self, variant: Variant) -> dict[int, str]:
+        """Cache files of the probe control `untrained_<variant>`: the single tower's config with every weight
+        re-initialised (mllm/study/reinit.py, seed `probe_controls.seed`)."""
+        from mllm.features import tower_tokens
+        from mllm.study.reinit import reinit_weights
+
+        seed = self.study.probe_controls.seed
+        tower_config = variant_tower(variant, self.study, None)
+        config = {"untrained": tower_config, "seed": seed}
+        built = []
+
+        def make(world: int, n: int) -> torch.Tensor:
+            if not built:
+                built.append(build_tower(tower_config))
+                reinit_weights(built[0], seed)
+            return tower_tokens(built[0], self.images(world), desc=f"untrained_{variant.name} tokens")
+        return self._cache(f"untrained_{variant.name}", config, make)
+
+    def pixel_paths(self) -> dict[int, str]:
+        """Cache files of the probe control `pixels`: each grid cell's raw pixels (mllm.features.pixel_tokens)."""
+        from mllm.features import pixel_tokens
+
+        grid = self.study.grid or 8
+        return self._cache("pixels", {"control": "pixels", "grid": grid},
+                           lambda world, n: pixel_tokens(self.images(world), grid))
+
+    def _cache(self, name: str, config: dict, make) -> dict[int, str]:
+        """{world seed: cache file} of `make(world, count)` tokens for the training and held-out images."""
+        from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
+        from mllm.features import cache_features
+
         out = {}
         for world, count in ((TRAIN_SEED, self.budget.train_images), (HELDOUT_SEED, self.budget.eval_images)):
-            out[world] = str(cache_features(lambda: make(world, count), variant.name, config, world, count, size,
-                                            self.folder, self.study.max_objects))
+            out[world] = str(cache_features(lambda: make(world, count), name, config, world, count,
+                                            self.study.image_size, self.folder, self.study.max_objects))
         return out
 
 

@@ -91,8 +91,9 @@ def run_online_variant(variant: Variant, seed: int, study: Study, budget: Budget
 def online_study(study: Study, budget: Budget, out_dir: Path, variants: list[Variant], smoke: bool, force: bool,
                  started: float) -> Path:
     """The real-scale study (`eval_json` set): every (variant, seed) with its tower in the loop; no feature
-    cache, probes or controls (the oracle needs ground truth that real data lacks), so the gate reports the
-    instrument as not validated; paired statistics as in the toy study."""
+    cache, probes or controls (the oracle needs ground truth that real data lacks), so the gates report the
+    instrument as not validated and the learned-skill and reader gates as not measured; paired statistics as
+    in the toy study."""
     from mllm.data import LlavaJsonSource
     from mllm.study.report import write_report
 
@@ -106,9 +107,12 @@ def online_study(study: Study, budget: Budget, out_dir: Path, variants: list[Var
                                        .eval_items(budget.eval_images or None))]
     save_json({"questions": items}, out_dir / "questions.json")
     records = []
+    clock = time.time()
     for variant, seed in tqdm([(v, s) for v in variants for s in range(budget.seeds)], desc="study runs", unit="run"):
         records.append(run_online_variant(variant, seed, study, budget, study.student, out_dir, force))
+    phases = {"LLaVA runs": time.time() - clock}
+    clock = time.time()
     costs = {v.name: tower_cost(build_tower(variant_tower(v, study, study.student)), study.image_size) for v in variants}
-    save_json({"records": records, "costs": costs}, out_dir / "records.json")
+    phases["tower costs"] = time.time() - clock
     return write_report(records=records, items=items, prior=None, probes={}, costs=costs, distill={}, study=study,
-                        budget=budget, out_dir=out_dir, smoke=smoke, seconds=time.time() - started)
+                        budget=budget, out_dir=out_dir, smoke=smoke, seconds=time.time() - started, phases=phases)

@@ -197,7 +197,11 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
     from mllm.study.probes import object_labels
     from mllm.study.report import write_report
 
+    phases: dict[str, float] = {}  # wall seconds per phase, in the report and records.json
+    clock = time.time()
     ensure_cache()
+    phases["toy build"] = time.time() - clock
+    clock = time.time()
     seeds = list(range(budget.seeds))
     students: dict[str, dict[int, str]] = {}  # {variant: {seed: export folder}}
     distill_info: dict[str, dict[int, dict]] = {}
@@ -208,24 +212,44 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
             else:
                 students.setdefault(variant.name, {})[seed], distill_info.setdefault(variant.name, {})[seed] = \
                     distill_student(study, budget, out_dir, force, seed, variant.distill_overlay)
+    phases["distillation"] = time.time() - clock
     features = Features(study, budget, out_dir, students)
     objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size, study.max_objects),
                HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size, study.max_objects)}
     items = questions(study, budget)
     save_json({"questions": items}, out_dir / "questions.json")
     probes: dict[str, list[dict]] = {}
+    phases["features"] = phases["probes"] = 0.0
+
+    def measure(name: str, paths: dict[int, str]) -> None:
+        clock = time.time()
+        probes.setdefault(name, []).append(probe_variant(paths, study, budget, objects))
+        phases["probes"] += time.time() - clock
+
     jobs = []
     for variant in variants:  # features and probes first (in this process), then the LLaVA runs
         for seed in seeds:
+            clock = time.time()
             paths = features.paths(variant, seed)
+            phases["features"] += time.time() - clock
             if variant.kind == "student" or seed == 0:
-                probes.setdefault(variant.name, []).append(probe_variant(paths, study, budget, objects))
+                measure(variant.name, paths)
             jobs.append((variant, seed, paths))
+    for variant in (v for v in variants if v.name in study.probe_controls.untrained):  # probe-only controls
+        clock = time.time()
+        paths = features.untrained_paths(variant)
+        phases["features"] += time.time() - clock
+        measure(f"untrained_{variant.name}", paths)
+    if study.probe_controls.pixels:
+        clock = time.time()
+        paths = features.pixel_paths()
+        phases["features"] += time.time() - clock
+        measure("pixels", paths)
+    clock = time.time()
     records = run_jobs(jobs, study, budget, out_dir, force)
-    save_json({"records": records, "costs": features.costs, "probes": probes, "distill": distill_info},
-              out_dir / "records.json")
+    phases["LLaVA runs"] = time.time() - clock
     return write_report(
         records=records, items=items, prior=text_prior(study, budget, items), probes=probes, costs=features.costs,
         distill=distill_info, study=study, budget=budget, out_dir=out_dir, smoke=smoke,
-        seconds=time.time() - started,
+        seconds=time.time() - started, phases=phases,
     )
