@@ -37,7 +37,7 @@ class Gate:
     passed: int = 0
 
     def markdown(self) -> str:
-        lines = [f"**{self.name}: {self.status}**" + (f" ({self.passed} checks passed)." if self.passed else ".")]
+        lines = [f"**{self.name}: {self.status}**" + (f" ({self.passed} check{'s' if self.passed != 1 else ''} passed)." if self.passed else ".")]
         lines += [f"- fails: {f['text']}" for f in self.failures]
         lines += [f"- not measured: {m}" for m in self.missing]
         return "\n".join(lines)
