@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mllm.study.config import load_study, with_budget
-from mllm.study.runner import config_key, select_variants, variant_tower
+from mllm.study.common import config_key, select_variants, variant_tower
 from mllm.study.toy import stage_config
 
 ROOT = Path(__file__).parents[1]

@@ -62,7 +62,7 @@ def test_reinit_leaves_the_global_rng_alone():
 
 
 def test_reinitialised_tower_gives_tokens_of_the_same_shape(tmp_path):
-    from mllm.study.runner import build_tower
+    from mllm.study.common import build_tower
 
     config = timm_tower(write_timm_dir(tmp_path / "vit", reg_tokens=4))
     tower = build_tower(config).eval()

@@ -18,7 +18,7 @@ import torch
 
 from mllm.study.config import Budget, Study, Variant
 from mllm.study.cost import tower_cost
-from mllm.study.runner import build_tower, variant_tower
+from mllm.study.common import build_tower, variant_tower
 
 
 class Features:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from distill.io import save_json
 from mllm.study.config import Budget, Study, Variant
 from mllm.study.cost import count_params, tower_cost
-from mllm.study.runner import build_tower, config_key, fit, steps_per_second, variant_tower, write_yaml
+from mllm.study.common import build_tower, config_key, fit, steps_per_second, variant_tower, write_yaml
 
 
 def online_config(recipe: dict, tower: dict, stage: str, seed: int, steps: int, run_dir: Path, study: Study) -> dict:

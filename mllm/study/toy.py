@@ -31,7 +31,7 @@ from distill.io import save_json
 from mllm.study.config import Budget, Study, Variant
 from mllm.study.cost import count_params
 from mllm.study.instrument import Features, probe_variant, questions, text_prior
-from mllm.study.runner import config_key, fit, quiet_libraries, steps_per_second, write_yaml
+from mllm.study.common import config_key, fit, quiet_libraries, steps_per_second, write_yaml
 
 
 def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path, features: str,
