@@ -15,7 +15,8 @@ and, for `toy:` names, the toy cache's manifest hash. Files are written atomical
 
 Controls (no tower): `oracle_tokens` builds tokens from the generator's ground truth (per-cell
 coverage by each colour, texture and size, pooled to the grid like a tower's map) and `blind_tokens`
-gives a constant, so the same LLaVA can be trained with perfect or with no image information.
+gives a constant, so the same LLaVA can be trained with perfect or with no image information;
+`pixel_tokens` gives each grid cell's raw pixels (the probes' "what needs no learning" control).
 """
 
 from __future__ import annotations
@@ -184,3 +185,16 @@ def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int, max_ob
 def blind_tokens(num_images: int, grid: int, dim: int = 16) -> torch.Tensor:
     """Constant tokens [num_images, grid*grid, dim] (zeros): the same LLaVA with no image information."""
     return torch.zeros(num_images, grid * grid, dim)
+
+
+def pixel_tokens(images: torch.Tensor, grid: int, stride: int = 4) -> torch.Tensor:
+    """Raw-pixel tokens [num_images, grid*grid, cell*cell*3 / stride] of images [num_images, 3, S, S] in [0, 1]:
+    for each grid cell in row order, its pixels flattened as (row, column, channel) and every `stride`-th value
+    kept."""
+    n, channels, height, width = images.shape
+    if height != width or height % grid:
+        raise ValueError(f"pixel_tokens needs square images whose side is a multiple of grid={grid}; got "
+                         f"{tuple(images.shape)}: pick a grid that divides the image size.")
+    cell = height // grid
+    cells = images.permute(0, 2, 3, 1).reshape(n, grid, cell, grid, cell, channels).permute(0, 1, 3, 2, 4, 5)
+    return cells.reshape(n, grid * grid, cell * cell * channels)[..., ::stride].contiguous().float()

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from mllm.study.config import load_study, with_budget
-from mllm.study.runner import config_key, select_variants, stage_config, variant_tower
+from mllm.study.common import config_key, select_variants, variant_tower
+from mllm.study.toy import stage_config
 
 ROOT = Path(__file__).parents[1]
 STUDIES = sorted((ROOT / "configs" / "study").glob("*.yaml"))
@@ -116,3 +117,37 @@ def test_variant_towers_get_the_common_grid_and_the_student():
     with pytest.raises(ValueError, match="needs the distilled student"):
         variant_tower(student, study, student=None)
     assert config_key({"a": 1}, 2) == config_key({"a": 1}, 2) != config_key({"a": 1}, 3)
+
+
+def test_study_skill_settings_parse():
+    from distill.toy.world import QA_KINDS
+
+    toy = load_study(ROOT / "configs/study/toy.yaml")
+    singles = {v.name for v in toy.variants if v.kind == "single"}
+    assert toy.owners and set(toy.owners.values()) <= singles and set(toy.owners) <= set(QA_KINDS)
+    assert set(toy.fusion_kinds) <= set(QA_KINDS) and toy.fusion_kinds
+    assert set(toy.probe_controls.untrained) == singles and toy.probe_controls.pixels is True
+    assert (toy.gates.skill_over_untrained, toy.gates.skill_over_pixels, toy.gates.skill_over_others,
+            toy.gates.reader_min_ratio) == (0.20, 0.20, 0.15, 0.9)
+    real = load_study(ROOT / "configs/study/llava15.yaml")  # real scale: no probes, so no probe controls
+    assert real.probe_controls.untrained == [] and real.probe_controls.pixels is False
+
+
+def test_bad_skill_settings_name_the_key(tmp_path):
+    (tmp_path / "towers").symlink_to(ROOT / "configs/towers")
+    (tmp_path / "distill").symlink_to(ROOT / "configs/distill")
+    (tmp_path / "study").mkdir()
+    bad = tmp_path / "study" / "bad.yaml"
+    text = (ROOT / "configs/study/toy.yaml").read_text()
+    bad.write_text(text.replace("texture: dino", "texture: ensemble_all"))
+    with pytest.raises(ValueError, match="owners.texture is 'ensemble_all', which is not a single variant"):
+        load_study(bad)
+    bad.write_text(text.replace("texture: dino", "smell: dino"))
+    with pytest.raises(ValueError, match=r"owners names question kind\(s\) \['smell'\] that the toy world does not ask"):
+        load_study(bad)
+    bad.write_text(text.replace("untrained: [clip, dino, sam]", "untrained: [clip, student]"))
+    with pytest.raises(ValueError, match="probe_controls.untrained names 'student'"):
+        load_study(bad)
+    bad.write_text(text.replace("fusion_kinds: [fusion]", "fusion_kinds: [fusoin]"))
+    with pytest.raises(ValueError, match=r"fusion_kinds names question kind\(s\) \['fusoin'\]"):
+        load_study(bad)

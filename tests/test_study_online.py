@@ -51,3 +51,8 @@ def test_online_study_end_to_end(tmp_path, monkeypatch):
     text = report.read_text()
     assert "greedy answers" in text and "not validated" in text  # no controls on real data
     assert "(c) ensemble" in text  # the paired claims are made on the real-scale route too
+    # no probes at real scale: the probe gates say so instead of failing
+    assert "**Learned-skill gate: not measured**" in text and "**Reader gate: not measured**" in text
+    stored = json.loads((tmp_path / "out" / "records.json").read_text())
+    assert stored["gates"]["learned_skill"]["status"] == stored["gates"]["reader"]["status"] == "not measured"
+    assert set(stored["phases"]) == {"LLaVA runs", "tower costs"}

@@ -10,7 +10,8 @@ from torch import nn
 
 from mllm.study.config import load_study, with_budget
 from mllm.study.cost import gflops_per_image, tower_cost
-from mllm.study.report import accuracy_table, build_claims, gate, write_report
+from mllm.study.claims import build_claims
+from mllm.study.report import accuracy_table, gate, write_report
 
 KINDS = ("color", "texture", "size", "fusion")
 
@@ -73,7 +74,8 @@ def test_gate_passes_with_good_controls_and_fails_with_bad_ones(world):
 def test_claims_are_tested_and_holm_corrected(world):
     questions, correct, _ = world
     kinds = {"clip": "single", "dino": "single", "sam": "single", "ensemble_all": "ensemble", "student": "student"}
-    claims = build_claims(correct, questions, kinds)
+    claims = build_claims(correct, questions, kinds, owners={"color": "clip", "texture": "dino", "size": "sam"},
+                          fusion_kinds=["fusion"])
     by = {(c["group"][:3], c["a"], c["b"], c["kind"]): c for c in claims}
     assert len(claims) == 6 + 6 + 2
     assert all(c["p_holm"] >= c["p"] for c in claims)

@@ -37,12 +37,23 @@ def test_smoke_study_end_to_end(tmp_path):
     widths = sorted(json.loads(f.read_text())["model_args"]["embed_dim"] for f in exports)
     assert widths == [80, 96]
     text = (out / "results.md").read_text()
-    for section in ("Instrument gate", "Probes vs LLaVA", "Claims (paired, Holm-corrected)", "Distillation"):
-        assert section in text
+    for section in ("Instrument gate", "Learned-skill gate", "Reader gate", "Probes vs LLaVA", "Learned skills",
+                    "Claims (paired, Holm-corrected)", "Distillation", "Wall time by phase"):
+        assert "## " + section in text
+    for row in ("untrained_clip", "untrained_dino", "untrained_sam", "pixels"):  # probe-only rows
+        assert f"\n| {row} | " in text
+    assert any(f"**Learned-skill gate: {s}**" in text for s in ("valid", "NOT valid", "not measured"))
+    assert any(f"**Reader gate: {s}**" in text for s in ("valid", "NOT valid"))
     assert (out / "results.png").stat().st_size > 1000
     assert len(list(out.glob("runs/*/seed0-*/finetune.yaml"))) == len(VARIANTS) - 1
-    assert len(list(out.glob("features/*.safetensors"))) == 2 * (len(VARIANTS) - 1)  # train + held-out per variant
-    records = json.loads((out / "records.json").read_text())["records"]
+    # train + held-out per variant and per probe-only control (untrained clip, dino, sam; pixels)
+    assert len(list(out.glob("features/*.safetensors"))) == 2 * (len(VARIANTS) - 1 + 4)
+    stored = json.loads((out / "records.json").read_text())
+    assert set(stored["gates"]) == {"instrument", "learned_skill", "reader"}
+    assert list(stored["phases"]) == ["toy build", "distillation", "features", "probes", "LLaVA runs"]
+    assert all(seconds >= 0 for seconds in stored["phases"].values())
+    assert {"untrained_clip", "pixels"} <= set(stored["probes"])
+    records = stored["records"]
     assert all(r["status"] == "ok" and r["align_steps_per_s"] > 0 for r in records)
     questions = json.loads((out / "questions.json").read_text())["questions"]
     assert {q["kind"] for q in questions} == {"color", "texture", "size", "fusion"}

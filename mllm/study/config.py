@@ -73,6 +73,45 @@ class Budget:
 
 
 @dataclass
+class ProbeControls:
+    """Probe-only rows (no LLaVA runs) that say which of a tower's knowledge was *learned*: the same probes
+    on the tower with its weights re-initialised and on raw pixels (mllm/study/instrument.py).
+
+    Args:
+        untrained: single variants probed again with every weight re-initialised (seeded, same config and
+            shapes: mllm/study/reinit.py); each gives the row ``untrained_<name>``.
+        pixels: probe the raw pixels: each grid cell's every 4th value (of its flattened H*W*3 values, in
+            [0, 1]) is its token; gives the row ``pixels``.
+        seed: seed of the re-initialisation.
+    """
+
+    untrained: list[str] = field(default_factory=list)
+    pixels: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Gates:
+    """Thresholds of the learned-skill and reader gates (mllm/study/gates.py) and of the claims' weak links.
+
+    Args:
+        skill_over_untrained: an owner's probe on its kind must beat its untrained tower's probe by this much.
+        skill_over_pixels: ... and the raw-pixel probe by this much.
+        skill_over_others: ... and every other single tower's probe by this much.
+        reader_min_ratio: LLaVA accuracy / probe accuracy every single, ensemble and student variant must reach
+            on every asked kind (the LLaVA reads what the tower knows).
+        fidelity_slack: a student's probe more than this below the owner teacher's probe on an owned kind names
+            student fidelity as a weak link of a failing claim.
+    """
+
+    skill_over_untrained: float = 0.20
+    skill_over_pixels: float = 0.20
+    skill_over_others: float = 0.15
+    reader_min_ratio: float = 0.9
+    fidelity_slack: float = 0.02
+
+
+@dataclass
 class Study:
     """A whole comparison study.
 
@@ -89,6 +128,13 @@ class Study:
             the toy world's held-out questions.
         eval_image_folder: folder of the images named in ``eval_json``.
         variants: the towers to compare.
+        owners: {question kind: single variant} whose teacher family learned the skill the kind needs (e.g.
+            ``{color: clip, texture: dino, size: sam}``); feeds claim (b) and the learned-skill gate. Kinds are
+            the world's (distill/toy/world.py QA_KINDS) or, with ``eval_json``, the questions' types.
+        fusion_kinds: question kinds that need several skills at once, on which every ensemble is claimed
+            ahead of every single tower (claim (c)), e.g. ``[fusion]``.
+        probe_controls: probe-only rows of untrained towers and raw pixels (toy study only).
+        gates: thresholds of the learned-skill and reader gates.
         full: the budget of the real study.
         smoke: the budget of ``--smoke`` (1 seed, few steps).
     """
@@ -103,6 +149,10 @@ class Study:
     max_objects: int = 4
     eval_json: str | None = None
     eval_image_folder: str | None = None
+    owners: dict[str, str] = field(default_factory=dict)
+    fusion_kinds: list[str] = field(default_factory=list)
+    probe_controls: ProbeControls = field(default_factory=ProbeControls)
+    gates: Gates = field(default_factory=Gates)
     full: Budget = field(default_factory=Budget)
     smoke: Budget = field(default_factory=lambda: Budget(1, 20, 30, 30, 40, "smoke", 200, 2, 200))
 
@@ -141,7 +191,33 @@ def load_study(path: str | Path) -> Study:
             raise ValueError(f"{path}: variant {v.name!r} tower needs a class_path (e.g. mllm.towers.SingleEncoderTower)")
         if v.distill_overlay is not None:
             v.distill_overlay = _overlay_path(v, Path(path))
+    _check_skills(study, Path(path))
     return study
+
+
+def _check_skills(study: Study, study_file: Path) -> None:
+    """`owners` and `probe_controls.untrained` name single variants; toy kinds are the world's."""
+    singles = [v.name for v in study.variants if v.kind == "single"]
+    for kind, owner in study.owners.items():
+        if owner not in singles:
+            raise ValueError(f"{study_file}: owners.{kind} is {owner!r}, which is not a single variant of this study; "
+                             f"name one of {singles}.")
+    for name in study.probe_controls.untrained:
+        if name not in singles:
+            raise ValueError(f"{study_file}: probe_controls.untrained names {name!r}, which is not a single variant; "
+                             f"name some of {singles}.")
+    if study.eval_json:
+        if study.probe_controls.untrained or study.probe_controls.pixels:
+            raise ValueError(f"{study_file}: probe_controls need the toy world's object labels; remove them from a "
+                             "study with eval_json.")
+        return
+    from distill.toy.world import QA_KINDS
+
+    for key, kinds in (("owners", list(study.owners)), ("fusion_kinds", study.fusion_kinds)):
+        unknown = [k for k in kinds if k not in QA_KINDS]
+        if unknown:
+            raise ValueError(f"{study_file}: {key} names question kind(s) {unknown} that the toy world does not ask; "
+                             f"its kinds are {list(QA_KINDS)} (distill/toy/world.py QA_KINDS).")
 
 
 def _overlay_path(variant: Variant, study_file: Path) -> str:

@@ -1,13 +1,15 @@
-"""The study's report: accuracies with CIs, the instrument gate, probes, paired comparisons, plot.
+"""The study's report: accuracies with CIs, the three gates, probes, paired comparisons, wall time, plot.
 
 Inputs: run records (variant, kind, seed, status, run_dir with eval.json: per-question correctness), the
-held-out questions (kind, image id), the text prior's correctness, probe accuracies and tower costs.
-Outputs in OUT: results.md (tables + claims), results.csv (one row per variant), results.png.
+held-out questions (kind, image id), the text prior's correctness, probe accuracies (including the probe-only
+controls `untrained_<variant>` and `pixels`), tower costs and the wall time of each phase.
+Outputs in OUT: results.md (gates, tables, claims), results.csv (one row per variant), results.png and
+records.json (records, costs, probes, distillation, gates, phases).
 
-Claims are tested, never read off by eye: every difference is paired over the same questions with a
-bootstrap CI over images and seeds (mllm/study/stats.py); the p-values of all claims in the table are
-Holm-corrected together; "comparable to the ensemble" is a TOST equivalence test with margin
-EQUIVALENCE_MARGIN. A claim that is not significant says "no difference measured".
+Claims are tested, never read off by eye (mllm/study/claims.py): every difference is paired over the same
+questions with a bootstrap CI over images and seeds (mllm/study/stats.py); the p-values of all claims are
+Holm-corrected together; "comparable to the ensemble" is a TOST equivalence test. A claim that does not hold
+names its weak link; the gates are in mllm/study/gates.py.
 """
 
 from __future__ import annotations
@@ -23,13 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.io import atomic_write
+from distill.io import atomic_write, save_json
 from distill.toy.world import HELDOUT_SEED
-from mllm.study.stats import ALPHA, accuracy_ci, holm, paired_difference, tost
-
-KINDS = ("color", "texture", "size", "fusion")
-OWNER = {"color": "clip", "texture": "dino", "size": "sam"}  # the family whose teacher skill a kind needs
-EQUIVALENCE_MARGIN = 0.02
+from mllm.study.claims import EQUIVALENCE_MARGIN, build_claims, weak_links
+from mllm.study.gates import mean_probes, reader_gate, skill_gate, skill_table
+from mllm.study.stats import ALPHA, accuracy_ci
 GATE_BLIND_SLACK, GATE_ORACLE_MIN = 0.02, 0.90
 COST_KEYS = ("tower_params_m", "gflops_per_image", "ms_per_image")
 
@@ -55,50 +55,12 @@ def load_correct(records: list[dict]) -> dict[str, np.ndarray]:
 
 
 def kinds_in(items: list[dict]) -> list[str]:
-    """The question kinds present: the toy world's in their order, then any others sorted."""
-    present = {item["kind"] for item in items}
-    return [k for k in KINDS if k in present] + sorted(present - set(KINDS))
+    """The question kinds present, in the order they are first asked (the toy world asks QA_KINDS in order)."""
+    return list(dict.fromkeys(item["kind"] for item in items))
 
 
 def _select(items: list[dict], kind: str | None) -> np.ndarray:
     return np.array([kind is None or item["kind"] == kind for item in items])
-
-
-class Claims:
-    """Paired comparisons collected for one Holm correction."""
-
-    def __init__(self, correct: dict[str, np.ndarray], items: list[dict]) -> None:
-        self.correct, self.items = correct, items
-        self.image_ids = np.array([item["image"] for item in items])
-        self.rows: list[dict] = []
-
-    def add(self, group: str, a: str, b: str, kind: str | None, expect: str = "ahead") -> None:
-        if a not in self.correct or b not in self.correct:
-            return
-        mask = _select(self.items, kind)
-        if not mask.any():  # e.g. no fusion questions in a real-scale benchmark
-            return
-        diff = paired_difference(self.correct[a][:, mask], self.correct[b][:, mask], self.image_ids[mask])
-        row = {"group": group, "a": a, "b": b, "kind": kind or "overall", "delta": diff.delta, "low": diff.low,
-               "high": diff.high, "p": diff.p, "expect": expect, "diff": diff}
-        if expect == "equivalent":
-            row["p_tost"] = tost(diff, EQUIVALENCE_MARGIN)
-        self.rows.append(row)
-
-    def finish(self) -> list[dict]:
-        adjusted = holm([r["p"] for r in self.rows]) if self.rows else []
-        for row, p_holm in zip(self.rows, adjusted):
-            row["p_holm"] = p_holm
-            significant = p_holm < ALPHA
-            if not significant:
-                row["verdict"] = "no difference measured"
-            else:
-                row["verdict"] = f"{row['a']} ahead" if row["delta"] > 0 else f"{row['b']} ahead"
-            if row["expect"] == "equivalent":
-                row["verdict"] += ("; equivalent within ±%.2f (TOST p=%.3f)" if row["p_tost"] < ALPHA
-                                   else "; equivalence not shown at ±%.2f (TOST p=%.3f)") % (EQUIVALENCE_MARGIN, row["p_tost"])
-            row.pop("diff")
-        return self.rows
 
 
 def _ci(cell: tuple[float, float, float] | None) -> str:
@@ -134,29 +96,6 @@ def gate(table: dict) -> tuple[bool, str]:
                   f"oracle {oracle:.3f} ≥ {GATE_ORACLE_MIN}.")
 
 
-def build_claims(correct: dict[str, np.ndarray], items: list[dict], kinds_of: dict[str, str]) -> list[dict]:
-    """The study's claims: (b) owner single vs other singles on its kind, (c) ensemble vs singles overall and
-    on fusion, (d) student vs best single and vs the ensemble (equivalence), Holm-corrected together."""
-    claims = Claims(correct, items)
-    singles = [v for v, k in kinds_of.items() if k == "single"]
-    for kind, owner in OWNER.items():
-        for other in singles:
-            if other != owner:
-                claims.add("(b) family skill", owner, other, kind)
-    ensemble = "ensemble_all" if "ensemble_all" in correct else next((v for v, k in kinds_of.items() if k == "ensemble"), None)
-    if ensemble:
-        for single in singles:
-            claims.add("(c) ensemble", ensemble, single, None)
-            claims.add("(c) ensemble", ensemble, single, "fusion")
-    for student in (v for v, k in kinds_of.items() if k == "student"):
-        ranked = sorted((v for v in singles if v in correct), key=lambda v: -correct[v].mean())
-        if ranked:
-            claims.add("(d) student", student, ranked[0], None)
-        if ensemble:
-            claims.add("(d) student", student, ensemble, None, expect="equivalent")
-    return claims.finish()
-
-
 def header(study, budget, smoke: bool, seconds: float | None) -> str:
     import yaml
 
@@ -186,31 +125,53 @@ def header(study, budget, smoke: bool, seconds: float | None) -> str:
 
 
 def write_report(records: list[dict], items: list[dict], prior: list[int] | None, probes: dict, costs: dict, distill: dict,
-                 study, budget, out_dir: Path, smoke: bool = False, seconds: float | None = None) -> Path:
-    """results.md, results.csv and results.png in `out_dir`; returns the results.md path."""
+                 study, budget, out_dir: Path, smoke: bool = False, seconds: float | None = None,
+                 phases: dict[str, float] | None = None) -> Path:
+    """results.md, results.csv, results.png and records.json in `out_dir`; returns the results.md path.
+    `phases`: wall seconds of each phase of the study (toy build, distillation, features, probes, LLaVA runs)."""
     out_dir = Path(out_dir)
     correct = load_correct(records)
     kinds_of = {r["variant"]: r["kind"] for r in records}
+    kinds = kinds_in(items)
     table = accuracy_table(correct, items, prior)
     valid, gate_text = gate(table)
-    claims = build_claims(correct, items, kinds_of)
+    probe = mean_probes(probes)
+    llava = {name: {k: cell[0] for k, cell in row.items()} for name, row in table.items()}
+    singles = [v.name for v in study.variants if v.kind == "single"]
+    skill = skill_gate(probe, study.owners, singles, study.gates)
+    reader = reader_gate(probe, llava, kinds, kinds_of, study.gates)
+    claims = build_claims(correct, items, kinds_of, study.owners, study.fusion_kinds)
+    for claim in claims:
+        if not claim["holds"]:
+            claim["why"] = "; ".join(weak_links(claim, probe, llava, study.owners, kinds_of, kinds, study.gates))
     failed = [r for r in records if r["status"] != "ok"]
-    parts = [header(study, budget, smoke, seconds), "## Instrument gate\n\n" + gate_text,
-             "## Accuracy by question kind\n\n" + accuracy_markdown(table, costs, records, kinds_in(items)),
-             "## Probes vs LLaVA\n\n" + probe_markdown(probes, table),
-             "## Claims (paired, Holm-corrected)\n\n" + claims_markdown(claims)]
+    parts = [header(study, budget, smoke, seconds),
+             "## Instrument gate\n\n" + gate_text, "## Learned-skill gate\n\n" + skill.markdown(),
+             "## Reader gate\n\n" + reader.markdown(),
+             "## Accuracy by question kind\n\n" + accuracy_markdown(table, costs, records, kinds),
+             "## Probes vs LLaVA\n\n" + probe_markdown(probes, table)]
+    if skill_table(probe, study.owners, singles):
+        parts.append("## Learned skills (probes: trained / untrained tower, raw pixels)\n\n"
+                     + skill_table(probe, study.owners, singles))
+    parts.append("## Claims (paired, Holm-corrected)\n\n" + claims_markdown(claims, costs))
     if distill:
         parts.append("## Distillation (one student per seed)\n\n" + "\n".join(
             f"- {name} seed {s}: {info['steps']} steps in {info['seconds']:.0f} s; " + ", ".join(
                 f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(info["val"].items()))
             for name, seeds in distill.items() for s, info in sorted(seeds.items())))
+    if phases:
+        parts.append("## Wall time by phase\n\n" + "\n".join(f"- {name}: {sec:.1f} s" for name, sec in phases.items()))
     if failed:
         parts.append("## Failed runs\n\n" + "\n".join(f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed))
     text = "\n\n".join(parts) + "\n"
     atomic_write(out_dir / "results.md", lambda tmp: Path(tmp).write_text(text))
-    write_csv(table, probes, costs, out_dir / "results.csv", valid, kinds_in(items))
+    gates = {"instrument": {"status": "valid" if valid else "NOT valid", "text": gate_text},
+             "learned_skill": skill.as_dict(), "reader": reader.as_dict()}
+    save_json({"records": records, "costs": costs, "probes": probes, "distill": distill, "phases": phases or {},
+               "gates": gates, "claims": claims}, out_dir / "records.json")
+    write_csv(table, probes, costs, out_dir / "results.csv", valid, kinds)
     if correct:
-        plot(table, out_dir / "results.png", kinds_in(items))
+        plot(table, out_dir / "results.png", kinds)
     return out_dir / "results.md"
 
 
@@ -231,30 +192,48 @@ def accuracy_markdown(table: dict, costs: dict, records: list[dict], kinds: list
 def probe_markdown(probes: dict, table: dict) -> str:
     if not probes:
         return "No probes: they need the toy world's object labels."
-    head = ["variant", *(f"{k} probe / LLaVA" for k in ("overall", *KINDS))]
+    first = next(iter(probes.values()))[0]
+    metrics = ["overall", *(k for k in first if k != "overall")]
+    head = ["variant", *(f"{k} probe / LLaVA" for k in metrics)]
     lines = ["Ridge probes on the frozen tokens of each object's quadrant (held-out objects); LLaVA = the table "
-             "above; ratio = LLaVA / probe (how much of what the tower knows the LLaVA uses).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, runs in probes.items():
-        mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+             "above; ratio = LLaVA / probe (how much of what the tower knows the LLaVA uses). Rows without LLaVA "
+             "are probe-only controls: `untrained_<tower>` (every weight re-initialised) and `pixels` (raw pixels).",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, mean in mean_probes(probes).items():
         cells = [name]
-        for kind in ("overall", *KINDS):
-            llava = table.get(name, {}).get(kind, (float("nan"),))[0]
-            cells.append(f"{mean[kind]:.3f} / {llava:.3f} ({llava / mean[kind]:.2f})" if mean[kind] else "–")
+        for kind in metrics:
+            llava = table.get(name, {}).get(kind)
+            if kind not in mean:
+                cells.append("–")
+            elif llava is None:
+                cells.append(f"{mean[kind]:.3f}")
+            else:
+                cells.append(f"{mean[kind]:.3f} / {llava[0]:.3f} ({llava[0] / mean[kind]:.2f})" if mean[kind] else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def claims_markdown(claims: list[dict]) -> str:
+def _cost(costs: dict, claim: dict) -> str:
+    """GFLOPs and ms per image of a vs b (the student claims' cost columns)."""
+    a, b = costs.get(claim["a"]), costs.get(claim["b"])
+    if not claim["group"].startswith("(d)") or not a or not b:
+        return "–"
+    return (f"{a['gflops_per_image']:.3f} vs {b['gflops_per_image']:.3f} GFLOPs; "
+            f"{a['ms_per_image']:.2f} vs {b['ms_per_image']:.2f} ms")
+
+
+def claims_markdown(claims: list[dict], costs: dict | None = None) -> str:
     if not claims:
         return "No comparisons (too few variants ran)."
-    head = ["claim", "a", "b", "on", "Δ (a − b)", "95% CI", "p", "p (Holm)", "verdict"]
-    lines = [f"{len(claims)} comparisons, Holm-corrected together at α = {ALPHA}; equivalence margin ±{EQUIVALENCE_MARGIN}.",
+    head = ["claim", "a", "b", "on", "Δ (a − b)", "95% CI", "p", "p (Holm)", "verdict", "cost a vs b", "why (if it fails)"]
+    lines = [f"{len(claims)} comparisons, Holm-corrected together at α = {ALPHA}; equivalence margin ±{EQUIVALENCE_MARGIN}. "
+             "A claim that does not hold names its weak links: teacher skill (owner vs untrained probe), student "
+             "fidelity (student vs owner probe), reader (LLaVA / probe).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in claims:
         lines.append("| " + " | ".join([c["group"], c["a"], c["b"], c["kind"], f"{c['delta']:+.3f}",
                                         f"[{c['low']:+.3f}, {c['high']:+.3f}]", f"{c['p']:.4f}", f"{c['p_holm']:.4f}",
-                                        c["verdict"]]) + " |")
+                                        c["verdict"], _cost(costs or {}, c), c.get("why", "holds")]) + " |")
     return "\n".join(lines)
 
 

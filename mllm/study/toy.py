@@ -1,0 +1,255 @@
+"""The toy study route: distill one student per seed, cache every frozen tower's visual tokens once, fit linear
+probes on them, train LLaVA (align + finetune) per variant and seed on the cached tokens, score the
+held-out questions by likelihood, and write the report with paired statistics.
+
+Variants: towers (single encoders, ensembles, the student) and two controls with no tower: `blind`
+(constant tokens) and `oracle` (tokens built from the generator's ground truth), both from
+mllm/study/instrument.py. Towers are frozen, so their tokens for the training and evaluation images are
+computed once (mllm/features.py) and the LLaVA loop pays only for projector + LM; every variant, seed and
+control uses the same recipes, steps, data order and questions.
+
+Layout of OUT: features/ (cached tokens), distill-<key>-seed<k>/ (student runs + exports),
+runs/<variant>/seed<k>-<key>/ (align.yaml, finetune.yaml, eval.json, record.json: written last, so a run
+with a record.json is finished and reused), questions.json, probes.json, records.json, results.*.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from distill.io import save_json
+from mllm.study.config import Budget, Study, Variant
+from mllm.study.cost import count_params
+from mllm.study.instrument import Features, probe_variant, questions, text_prior
+from mllm.study.common import config_key, fit, quiet_libraries, steps_per_second, write_yaml
+
+
+def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path, features: str,
+                 study: Study, budget: Budget) -> dict:
+    """The recipe on cached tokens: CachedTower, the training world with `features`, this seed and steps."""
+    cfg = copy.deepcopy(recipe)
+    cfg["seed_everything"] = seed
+    cfg["model"]["tower"] = {"class_path": "mllm.features.CachedTower", "init_args": {"features": features}}
+    trainer = cfg.setdefault("trainer", {})
+    trainer.update(
+        max_steps=steps, default_root_dir=str(run_dir / stage), limit_val_batches=0, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=max(1, min(50, steps)), enable_checkpointing=False,
+        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": stage}},
+        callbacks=[{"class_path": "distill.timing.StepTimer"}],
+    )
+    trainer.pop("val_check_interval", None)
+    data = cfg.setdefault("data", {})
+    data["image_size"] = study.image_size
+    data["val"] = None
+    train = data["train"].setdefault("init_args", {})
+    train.update(seed=0, num_images=budget.train_images, image_size=study.image_size, features=features,
+                 max_objects=study.max_objects)
+    if stage == "finetune":
+        train.update(records_per_image=budget.records_per_image)
+    return cfg
+
+
+def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study, budget: Budget,
+                out_dir: Path, force: bool) -> dict:
+    """Train align + finetune on cached tokens, score the held-out questions; return (and store) the record."""
+    from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
+    from mllm.data import ToySource
+    from mllm.loading import load_tokenizer
+    from mllm.scoring import rank_answers
+
+    align_recipe = yaml.safe_load(Path(study.align_recipe).read_text())
+    finetune_recipe = yaml.safe_load(Path(study.finetune_recipe).read_text())
+    key = config_key(paths, align_recipe, finetune_recipe, seed, budget.align_steps, budget.finetune_steps,
+                     budget.records_per_image, budget.eval_images)
+    run_dir = out_dir / "runs" / variant.name / f"seed{seed}-{key}"
+    record_file = run_dir / "record.json"
+    if record_file.is_file() and not force:
+        return json.loads(record_file.read_text())
+    record = {"variant": variant.name, "kind": variant.kind, "seed": seed, "run_dir": str(run_dir)}
+    started = time.time()
+    try:
+        align = stage_config(align_recipe, "align", seed, budget.align_steps, run_dir, paths[TRAIN_SEED], study, budget)
+        align["model"]["init_from"] = None
+        align_cli = fit(write_yaml(align, run_dir / "align.yaml"))
+        align_ckpt = run_dir / "align.ckpt"
+        align_cli.trainer.save_checkpoint(align_ckpt, weights_only=True)
+        finetune = stage_config(finetune_recipe, "finetune", seed, budget.finetune_steps, run_dir, paths[TRAIN_SEED],
+                                study, budget)
+        finetune["model"]["init_from"] = str(align_ckpt)
+        cli = fit(write_yaml(finetune, run_dir / "finetune.yaml"))
+        align_ckpt.unlink(missing_ok=True)  # the finetuned weights are what the study scores
+        train_seconds = time.time() - started
+        model = cli.model.model
+        source = ToySource(seed=HELDOUT_SEED, num_images=budget.eval_images, stage="finetune",
+                           image_size=study.image_size, features=paths[HELDOUT_SEED], max_objects=study.max_objects)
+        items = source.eval_items()
+        hp = cli.model.hparams
+        predictions = rank_answers(model, load_tokenizer(hp.lm), items, hp.chat_template, image_size=study.image_size)
+        correct = [int(p == i.answer) for p, i in zip(predictions, items)]
+        save_json({"predictions": predictions, "correct": correct}, run_dir / "eval.json")
+        record.update(
+            status="ok", error=None, accuracy=float(np.mean(correct)), train_seconds=train_seconds,
+            eval_seconds=time.time() - started - train_seconds, projector_params=count_params(model.projector),
+            visual_tokens=model.tower.num_tokens, align_steps_per_s=steps_per_second(align_cli),
+            finetune_steps_per_s=steps_per_second(cli),
+        )
+    except Exception as err:  # one failing variant must not stop the study
+        record.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
+                      traceback=traceback.format_exc())
+        save_json(record, run_dir / "failed.json")
+        return record
+    save_json(record, record_file)
+    return record
+
+
+def _worker_init(profile: str) -> None:
+    """A run worker: one torch thread (the workers share the cores), the toy profile, quiet libraries."""
+    os.environ["UNITOWER_TOY_PROFILE"] = profile
+    torch.set_num_threads(1)
+    quiet_libraries()
+
+
+def run_jobs(jobs: list[tuple[Variant, int, dict]], study: Study, budget: Budget, out_dir: Path, force: bool) -> list[dict]:
+    """Every (variant, seed) LLaVA run, `budget.workers` at a time in separate processes (one torch thread
+    each: a small LM's step is dominated by per-op overhead, so processes scale where threads do not)."""
+    import concurrent.futures
+    import multiprocessing
+
+    records: list[dict | None] = [None] * len(jobs)
+    progress = tqdm(total=len(jobs), desc="study runs", unit="run")
+
+    def done(index: int, record: dict) -> None:
+        records[index] = record
+        progress.update(1)
+        tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
+                   + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
+
+    if budget.workers <= 1:
+        for index, (variant, seed, paths) in enumerate(jobs):
+            done(index, run_variant(variant, seed, paths, study, budget, out_dir, force))
+    else:
+        with concurrent.futures.ProcessPoolExecutor(budget.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_worker_init, initargs=(budget.toy_profile,)) as pool:
+            futures = {pool.submit(run_variant, variant, seed, paths, study, budget, out_dir, force): index
+                       for index, (variant, seed, paths) in enumerate(jobs)}
+            for future in concurrent.futures.as_completed(futures):
+                done(futures[future], future.result())
+    progress.close()
+    return records
+
+
+def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, seed: int,
+                    overlay: str | None = None) -> tuple[str, dict]:
+    """Distill the toy student with seed `seed` (budget.distill_steps) and export it; reused when done.
+    `overlay`: a distill overlay YAML put on top of the recipe (`-c recipe -c overlay`), e.g. a smaller student.
+    Returns the export folder and the distillation summary (validation cosines, time)."""
+    from distill.cli import lightning_cli
+    from distill.export import export_student
+
+    recipe = yaml.safe_load(Path(study.distill_recipe).read_text())
+    overlay_cfg = yaml.safe_load(Path(overlay).read_text()) if overlay else None
+    key = config_key([recipe, overlay_cfg] if overlay else recipe, budget.distill_steps, budget.toy_profile)
+    run_dir = out_dir / f"distill-{key}-seed{seed}"
+    export, summary = run_dir / "export", run_dir / "distill.json"
+    if (export / "config.json").is_file() and summary.is_file() and not force:
+        return str(export), json.loads(summary.read_text())
+    print(f"[study] distilling student seed {seed} ({budget.distill_steps} steps) into {run_dir}", flush=True)
+    cfg = copy.deepcopy(recipe)
+    cfg["seed_everything"] = seed
+    trainer = cfg["trainer"]
+    trainer.update(
+        max_steps=budget.distill_steps, default_root_dir=str(run_dir), enable_progress_bar=False,
+        val_check_interval=budget.distill_steps, limit_val_batches=2,
+        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}},
+        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(run_dir), "filename": "student", "enable_version_counter": False}},
+                   {"class_path": "distill.timing.StepTimer"}],
+    )
+    started = time.time()
+    args = ["fit", "-c", str(write_yaml(cfg, run_dir / "distill.yaml"))]
+    if overlay:
+        args += ["-c", str(write_yaml(overlay_cfg, run_dir / "overlay.yaml"))]
+    cli = lightning_cli(args)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    export_student(run_dir / "student.ckpt", export, with_adaptors=True)
+    info = {"seed": seed, "seconds": time.time() - started, "steps": budget.distill_steps,
+            "steps_per_second": steps_per_second(cli), "val": metrics}
+    save_json(info, summary)
+    return str(export), info
+
+
+
+def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Variant], smoke: bool, force: bool,
+              started: float) -> Path:
+    """The toy study (see the module docstring) of `variants`; returns the results.md path."""
+    from distill.toy.cache import ensure_cache
+    from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
+    from mllm.study.probes import object_labels
+    from mllm.study.report import write_report
+
+    phases: dict[str, float] = {}  # wall seconds per phase, in the report and records.json
+    clock = time.time()
+    ensure_cache()
+    phases["toy build"] = time.time() - clock
+    clock = time.time()
+    seeds = list(range(budget.seeds))
+    students: dict[str, dict[int, str]] = {}  # {variant: {seed: export folder}}
+    distill_info: dict[str, dict[int, dict]] = {}
+    for variant in (v for v in variants if v.kind == "student"):
+        for seed in seeds:
+            if study.student is not None and variant.distill_overlay is None:
+                students.setdefault(variant.name, {})[seed] = study.student
+            else:
+                students.setdefault(variant.name, {})[seed], distill_info.setdefault(variant.name, {})[seed] = \
+                    distill_student(study, budget, out_dir, force, seed, variant.distill_overlay)
+    phases["distillation"] = time.time() - clock
+    features = Features(study, budget, out_dir, students)
+    objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size, study.max_objects),
+               HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size, study.max_objects)}
+    items = questions(study, budget)
+    save_json({"questions": items}, out_dir / "questions.json")
+    probes: dict[str, list[dict]] = {}
+    phases["features"] = phases["probes"] = 0.0
+
+    def measure(name: str, paths: dict[int, str]) -> None:
+        clock = time.time()
+        probes.setdefault(name, []).append(probe_variant(paths, study, budget, objects))
+        phases["probes"] += time.time() - clock
+
+    jobs = []
+    for variant in variants:  # features and probes first (in this process), then the LLaVA runs
+        for seed in seeds:
+            clock = time.time()
+            paths = features.paths(variant, seed)
+            phases["features"] += time.time() - clock
+            if variant.kind == "student" or seed == 0:
+                measure(variant.name, paths)
+            jobs.append((variant, seed, paths))
+    for variant in (v for v in variants if v.name in study.probe_controls.untrained):  # probe-only controls
+        clock = time.time()
+        paths = features.untrained_paths(variant)
+        phases["features"] += time.time() - clock
+        measure(f"untrained_{variant.name}", paths)
+    if study.probe_controls.pixels:
+        clock = time.time()
+        paths = features.pixel_paths()
+        phases["features"] += time.time() - clock
+        measure("pixels", paths)
+    clock = time.time()
+    records = run_jobs(jobs, study, budget, out_dir, force)
+    phases["LLaVA runs"] = time.time() - clock
+    return write_report(
+        records=records, items=items, prior=text_prior(study, budget, items), probes=probes, costs=features.costs,
+        distill=distill_info, study=study, budget=budget, out_dir=out_dir, smoke=smoke,
+        seconds=time.time() - started, phases=phases,
+    )
