@@ -158,10 +158,11 @@ class CachedTower(VisionTower):
 
 
 def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int, max_objects: int = 4) -> torch.Tensor:
-    """Ground-truth tokens [num_images, grid*grid, 16]: for each cell, 0/1 indicators of the quadrant(s) it
-    lies in (4: where the cell is, as a ViT's position embedding tells a tower), of an object touching it,
-    and of that object's colour (6), texture (3) and size (2)."""
-    from distill.toy.world import COLORS, SIZES, TEXTURES, ToyWorld
+    """Ground-truth tokens [num_images, grid*grid, 5 + sum of the attributes' class counts]: for each cell,
+    0/1 indicators of the quadrant(s) it lies in (4: where the cell is, as a ViT's position embedding tells a
+    tower), of an object touching it, and one-hot the class of each attribute of that object (the world's
+    ATTRIBUTES in order: shape, colour, texture, size)."""
+    from distill.toy.world import ATTRIBUTES, ToyWorld
 
     world = ToyWorld(seed=seed, image_size=image_size, max_objects=max_objects)
     half = image_size // 2
@@ -169,14 +170,15 @@ def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int, max_ob
     for quadrant in range(4):
         top, left = (quadrant // 2) * half, (quadrant % 2) * half
         where[quadrant, top:top + half, left:left + half] = 1.0
-    offset = 5  # after the 4 quadrant channels and the object channel
-    maps = torch.zeros(num_images, offset + len(COLORS) + len(TEXTURES) + len(SIZES), image_size, image_size)
+    offsets, channels = {}, 5  # after the 4 quadrant channels and the object channel
+    for name, classes in ATTRIBUTES.items():
+        offsets[name], channels = channels, channels + len(classes)
+    maps = torch.zeros(num_images, channels, image_size, image_size)
     maps[:, :4] = where
     for index in range(num_images):
         sample = world[index]
         for obj, mask in zip(sample.objects, torch.from_numpy(sample.masks)):
-            for channel in (4, offset + COLORS.index(obj.color), offset + len(COLORS) + TEXTURES.index(obj.texture),
-                            offset + len(COLORS) + len(TEXTURES) + SIZES.index(obj.size)):
+            for channel in [4] + [offsets[name] + classes.index(getattr(obj, name)) for name, classes in ATTRIBUTES.items()]:
                 maps[index, channel] += mask.float()
     # Max-pooled: a cell reads 1 for every attribute of an object that touches it (0/1 tokens, well scaled).
     return F.adaptive_max_pool2d(maps, (grid, grid)).flatten(2).transpose(1, 2).contiguous()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from distill.toy.lm import build_toy_lm
-from distill.toy.world import COLORS, SIZES, TEXTURES, ToyWorld, world_texts
+from distill.toy.world import ATTRIBUTES, ToyWorld, world_texts
 from mllm.conversation import IGNORE_INDEX, tokenize_conversation
 from mllm.data import SampleEncoder, ToySource
 from mllm.features import (
@@ -58,7 +58,9 @@ def test_cached_tower_standardizes_with_the_files_statistics(tmp_path):
 def test_oracle_tokens_hold_the_ground_truth_of_each_quadrant():
     world = ToyWorld(seed=0, max_objects=2)
     tokens = oracle_tokens(0, 6, 64, grid=2, max_objects=2)
-    assert tokens.shape == (6, 4, 16) and set(tokens.unique().tolist()) <= {0.0, 1.0}
+    width = 5 + sum(len(classes) for classes in ATTRIBUTES.values())
+    assert width == 5 + 4 + 6 + 4 + 3
+    assert tokens.shape == (6, 4, width) and set(tokens.unique().tolist()) <= {0.0, 1.0}
     for index in range(6):
         sample = world[index]
         for quadrant in range(4):
@@ -67,9 +69,11 @@ def test_oracle_tokens_hold_the_ground_truth_of_each_quadrant():
             objects = [o for o in sample.objects if o.quadrant == quadrant]
             assert cell[4] == len(objects)
             if objects:
-                obj = objects[0]
-                assert cell[5 + COLORS.index(obj.color)] == 1 and cell[5:11].sum() == 1
-                assert cell[11 + TEXTURES.index(obj.texture)] == 1 and cell[14 + SIZES.index(obj.size)] == 1
+                obj, offset = objects[0], 5
+                for name, classes in ATTRIBUTES.items():  # one-hot per attribute, in ATTRIBUTES order
+                    block = cell[offset:offset + len(classes)]
+                    assert block.sum() == 1 and block[classes.index(getattr(obj, name))] == 1
+                    offset += len(classes)
             else:
                 assert cell[4:].sum() == 0
     assert torch.equal(blind_tokens(3, 2), torch.zeros(3, 4, 16))

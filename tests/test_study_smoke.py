@@ -31,7 +31,7 @@ def test_smoke_study_end_to_end(tmp_path):
     cost = {r["variant"]: float(r["gflops_per_image"]) for r in rows if r["gflops_per_image"]}
     assert cost["ensemble_all"] > max(cost["clip"], cost["dino"], cost["sam"]) > 0  # the ensemble costs the most
     assert cost["student_small"] < cost["student"]  # the overlay's narrower student (configs/distill/overlays)
-    assert all(rows[i]["probe_color"] for i in range(1, len(VARIANTS)))  # every variant was probed
+    assert all(rows[i]["probe_shape"] for i in range(1, len(VARIANTS)))  # every variant was probed
     exports = sorted(out.glob("distill-*-seed0/export/config.json"))
     assert len(exports) == 2  # one distillation per student variant, each with its own recipe key
     widths = sorted(json.loads(f.read_text())["model_args"]["embed_dim"] for f in exports)
@@ -56,7 +56,7 @@ def test_smoke_study_end_to_end(tmp_path):
     records = stored["records"]
     assert all(r["status"] == "ok" and r["align_steps_per_s"] > 0 for r in records)
     questions = json.loads((out / "questions.json").read_text())["questions"]
-    assert {q["kind"] for q in questions} == {"color", "texture", "size", "fusion"}
+    assert {q["kind"] for q in questions} == {"shape", "texture", "size", "fusion"}
 
     again = run(["--smoke", "--out", str(out), "--only", "clip", "student"], env)
     assert again.returncode == 0, again.stderr[-3000:]

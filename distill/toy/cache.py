@@ -37,7 +37,7 @@ from distill.toy.train_sam import train_sam
 from distill.toy.world import TRAIN_SEED, ToyWorld, world_texts
 
 # Bump when the generator or a trainer changes in a way that changes the teachers.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 TOY_FILES = {"clip": "clip", "dino": "dino", "sam": "sam.pth", "lm": "lm"}
 MANIFEST = "manifest.json"
 
@@ -57,9 +57,9 @@ class ToySettings:
         seed: seed of every trainer.
     """
 
-    clip_steps: int = 500
+    clip_steps: int = 700
     dino_steps: int = 300
-    sam_steps: int = 400
+    sam_steps: int = 500
     lm_steps: int | None = None
     num_samples: int = 6000
     lm_texts: int = 3000

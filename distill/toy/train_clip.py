@@ -26,9 +26,13 @@ from distill.toy.world import TRAIN_SEED, sample_pool
 CONTEXT_LENGTH = 32
 CLIP_MODEL_CFG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+    # pool_type avg: the image embedding is the mean of the patch tokens, so the contrastive loss trains the patch
+    # tokens a LLaVA tower reads (with the CLS pool the toy CLIP's patch tokens knew shape no better than untrained)
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8, "pool_type": "avg"},
     "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+# Training images hold 1-2 objects: captions then name few shapes, and each must be told apart to match them.
+TRAIN_MAX_OBJECTS = 2
 CLIP_PREPROCESS_CFG = {
     "size": 64,
     "mode": "RGB",
@@ -70,7 +74,7 @@ def save_clip(model: open_clip.CLIP, out_dir: str | Path, model_cfg: dict | None
 
 def train_clip(
     out_dir: str | Path,
-    steps: int = 500,
+    steps: int = 700,
     batch_size: int = 128,
     num_samples: int = 6000,
     lr: float = 1e-3,
@@ -83,13 +87,13 @@ def train_clip(
         out_dir: folder to write (open_clip local-dir format).
         steps: optimizer steps.
         batch_size: image-caption pairs per step (contrastive negatives come from the same batch).
-        num_samples: size of the training pool drawn from ToyWorld(seed=TRAIN_SEED).
+        num_samples: size of the training pool drawn from ToyWorld(seed=TRAIN_SEED, max_objects=TRAIN_MAX_OBJECTS).
         lr: peak AdamW learning rate (linear warmup, cosine decay).
         seed: torch seed for initialisation and batch order.
         progress: show a tqdm bar.
     """
     torch.manual_seed(seed)
-    images, samples = sample_pool(TRAIN_SEED, num_samples)
+    images, samples = sample_pool(TRAIN_SEED, num_samples, max_objects=TRAIN_MAX_OBJECTS)
     pixels_all = torch.from_numpy(images)
     tokens_all = tokenize([s.caption for s in samples])
     model = build_clip().train()

@@ -5,8 +5,8 @@ DINO recipe in miniature: a student and an EMA teacher (same ViT + projection he
 outputs centered (running mean) and sharpened (low temperature), cross-entropy between teacher and
 student views, plus DINOv2's KoLeo term on the student's global CLS features (spreads them over the
 sphere; without it this short run collapses and learns nothing). The augmentations permute color
-channels and jitter brightness / contrast, so the ViT learns shape and texture rather than color or
-background level (color is CLIP's business in the toy world). Toy objects are small, so training
+channels, jitter brightness / contrast and turn views by quarter turns, so the ViT learns texture structure
+rather than color, background level or orientation (shape is CLIP's business in the toy world). Toy objects are small, so training
 images hold 1-2 objects and every crop is placed around an object center (object positions only, no
 labels); local crops are cut at native resolution (no resampling) so the 2 px stripes and dots survive.
 Only the student backbone is saved (see the end of train_dino), in timm's local-dir format
@@ -123,7 +123,7 @@ def local_crops(images: torch.Tensor, centers: torch.Tensor, generator: torch.Ge
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Photometric + flip augmentation of float [B,3,H,W] in [0,1]; returns normalized pixels."""
+    """Photometric + flip + quarter-turn augmentation of float [B,3,H,W] in [0,1]; returns normalized pixels."""
     batch = images.shape[0]
     perms = torch.stack([torch.randperm(3, generator=generator) for _ in range(batch)])
     images = torch.gather(images, 1, perms.view(batch, 3, 1, 1).expand_as(images))
@@ -135,6 +135,9 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     images = torch.where(gray.view(batch, 1, 1, 1), images.mean(dim=1, keepdim=True).expand_as(images), images)
     flip = torch.rand(batch, generator=generator) < 0.5
     images = torch.where(flip.view(batch, 1, 1, 1), images.flip(-1), images)
+    # Quarter turns: the world draws textures at every orientation, so a texture's identity must not depend on it.
+    turns = torch.randint(4, (batch,), generator=generator)
+    images = torch.stack([torch.rot90(image, int(k), dims=(-2, -1)) for image, k in zip(images, turns)])
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return (images - mean) / std

@@ -2,13 +2,20 @@
 
 Every sample is a pure function of (seed, image_size, index): 1 to `max_objects` objects (shape, color,
 texture, size), at most one per image quadrant, drawn on a noisy gray background; a caption that names
-only color and shape, or only shape (so CLIP-style training learns those, while texture is left to
-DINO and masks to SAM); instance masks [N, H, W]; and questions about the objects.
+every object's shape and nothing else (so CLIP-style training must learn shapes); instance masks [N, H, W];
+and questions about the objects.
 
-Questions refer to an object by its quadrant ("the object in the top left"), which every tower with a
-spatial token grid can resolve, and each kind is owned by a teacher family's skill: `color` (CLIP),
-`texture` (DINO), `size` (SAM: object extent) and `fusion` ("what color and texture is ...": two
-families at once). Shape is drawn but never asked or used as a reference: no toy teacher learns it.
+Each asked kind is owned by one teacher family's *learned* skill, and none is a plain pixel statistic:
+- `shape` (CLIP: the captions name it): circle, square, triangle or cross, under random colour, texture
+  and size;
+- `texture` (DINO: self-distillation across crops, rotations and colour changes): solid, striped, dotted
+  or checkered, each drawn with a random period, orientation, phase and contrast, so two textures differ
+  in structure, not in how many dark pixels they have (striped and checkered both darken half);
+- `size` (SAM: object extent from its masks): small, medium or large radius, under shapes whose areas
+  differ by up to 1.8x at one radius and textures that darken up to half the object;
+- `fusion` ("what shape and texture is the object in the top left?" -> "striped circle"): two families at once.
+Colour is drawn but never named or asked: a nuisance every tower sees. Questions refer to an object by its
+quadrant ("the object in the top left"), which every tower with a spatial token grid can resolve.
 Questions are asked only about occupied quadrants and their answers are the attributes of one object;
 objects' attributes are drawn independently, so no question's text gives away another's answer.
 
@@ -30,10 +37,10 @@ from PIL import Image
 TRAIN_SEED = 0
 HELDOUT_SEED = 1000
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
-TEXTURES = ("solid", "striped", "dotted")
-SIZES = ("small", "large")
+TEXTURES = ("solid", "striped", "dotted", "checkered")
+SIZES = ("small", "medium", "large")
 COLOR_RGB = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -42,21 +49,26 @@ COLOR_RGB = {
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
 }
-# Texture pattern pixels are the object color scaled by this factor (a darker shade, same hue).
-SHADE = 0.35
+# Texture pattern pixels are the object color scaled by a factor drawn from this range (a darker shade, same hue).
+SHADE_RANGE = (0.25, 0.55)
+# Texture period (pixels at 64 px) is drawn from this range; orientation and phase uniformly.
+PERIOD_RANGE_AT_64 = (4.0, 7.0)
 NUMBER_WORDS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
-QA_KINDS = ("color", "texture", "size", "fusion")
+QA_KINDS = ("shape", "texture", "size", "fusion")
+# The attributes a fusion answer joins, in answer order ("striped circle").
+FUSION_PARTS = ("texture", "shape")
+ATTRIBUTES = {"shape": SHAPES, "color": COLORS, "texture": TEXTURES, "size": SIZES}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 # The kind's question template (formatted with q=the quadrant words) and its answer (from the object).
 QUESTION_TEMPLATES = {
-    "color": "what color is the object in the {q}?",
+    "shape": "what shape is the object in the {q}?",
     "texture": "what is the texture of the object in the {q}?",
-    "size": "is the object in the {q} small or large?",
-    "fusion": "what color and texture is the object in the {q}?",
+    "size": "is the object in the {q} small, medium or large?",
+    "fusion": "what texture and shape is the object in the {q}?",
 }
 
 # Radius ranges in pixels at 64 px; scaled linearly with image_size.
-_RADIUS_AT_64 = {"small": (5.0, 7.0), "large": (10.0, 13.0)}
+_RADIUS_AT_64 = {"small": (5.0, 7.0), "medium": (8.5, 10.5), "large": (12.0, 14.0)}
 # Centres stay this far (pixels at 64 px) inside the quadrant edges beyond the radius, so objects never touch.
 _QUADRANT_MARGIN_AT_64 = 1.5
 _VIRTUAL_LENGTH = 1_000_000
@@ -76,6 +88,10 @@ class ToyObject:
     radius: float = 0.0
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)
     quadrant: int = 0
+    period: float = 4.0
+    angle: float = 0.0
+    phase: tuple[float, float] = (0.0, 0.0)
+    shade: float = 0.4
 
     @property
     def name(self) -> str:
@@ -84,7 +100,7 @@ class ToyObject:
 
     def answer(self, kind: str) -> str:
         """The answer to a question of `kind` (one of QA_KINDS) about this object."""
-        return f"{self.color} {self.texture}" if kind == "fusion" else getattr(self, kind)
+        return " ".join(getattr(self, part) for part in FUSION_PARTS) if kind == "fusion" else getattr(self, kind)
 
 
 @dataclass
@@ -112,10 +128,10 @@ class ToySample:
     qa: list[QA] = field(default_factory=list)
 
     def questions(self, rng: np.random.Generator) -> list[QA]:
-        """A training record's turns (objects in quadrant order): per object, either its colour, texture and
-        size questions or its fusion and size questions (at random). Fusion's answer holds the colour and
-        texture, so it never shares a record with them; every other pair of answers is independent."""
-        bundles = (("color", "texture", "size"), ("fusion", "size"))
+        """A training record's turns (objects in quadrant order): per object, either its shape, texture and
+        size questions or its fusion and size questions (at random). Fusion's answer holds the texture and
+        shape, so it never shares a record with them; every other pair of answers is independent."""
+        bundles = (tuple(k for k in QA_KINDS if k != "fusion"), ("fusion",) + tuple(k for k in QA_KINDS if k not in ("fusion",) + FUSION_PARTS))
         return [make_question(obj, kind) for obj in self.objects for kind in bundles[rng.integers(2)]]
 
 
@@ -140,17 +156,22 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, height: int, width: i
     raise ValueError(f"shape_mask: unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def texture_pattern(texture: str, height: int, width: int, scale: float) -> np.ndarray:
-    """Boolean [height, width] map of the pixels drawn in the darker shade for `texture`."""
-    ys, xs = np.mgrid[0:height, 0:width]
-    period = max(int(round(4 * scale)), 2)
+def texture_pattern(texture: str, height: int, width: int, period: float, angle: float = 0.0,
+                    phase: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Boolean [height, width] map of the pixels drawn in the darker shade for `texture`: stripes, a dot
+    lattice or a checkerboard of `period` pixels, rotated by `angle` radians and shifted by `phase` (fractions
+    of a period along and across the pattern)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    u = (xs * np.cos(angle) + ys * np.sin(angle)) / period + phase[0]
+    v = (-xs * np.sin(angle) + ys * np.cos(angle)) / period + phase[1]
     if texture == "solid":
         return np.zeros((height, width), dtype=bool)
     if texture == "striped":
-        return ((xs + ys) // (period // 2)) % 2 == 1
+        return np.floor(2 * u) % 2 == 1
+    if texture == "checkered":
+        return (np.floor(2 * u) + np.floor(2 * v)) % 2 == 1
     if texture == "dotted":
-        dot = max(period // 2, 1)
-        return ((xs % period) < dot) & ((ys % period) < dot)
+        return (u % 1 - 0.5) ** 2 + (v % 1 - 0.5) ** 2 <= 0.3 ** 2
     raise ValueError(f"texture_pattern: unknown texture {texture!r}; expected one of {TEXTURES}")
 
 
@@ -185,9 +206,9 @@ class ToyWorld:
         objects, masks = self._place_objects(rng)
         for obj, mask in zip(objects, masks):
             rgb = np.array(COLOR_RGB[obj.color], dtype=np.float32)
-            dark = texture_pattern(obj.texture, size, size, self.scale) & mask
+            dark = texture_pattern(obj.texture, size, size, obj.period, obj.angle, obj.phase) & mask
             image[mask] = rgb
-            image[dark] = rgb * SHADE
+            image[dark] = rgb * obj.shade
         pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="RGB")
         caption = make_caption(objects, rng)
         qa = [make_question(obj, kind) for obj in objects for kind in QA_KINDS]
@@ -203,7 +224,8 @@ class ToyWorld:
 
     def _place_objects(self, rng: np.random.Generator) -> tuple[list[ToyObject], list[np.ndarray]]:
         """1..max_objects objects in distinct random quadrants (listed in quadrant order), every attribute
-        drawn independently, centred with a random offset that keeps the object inside its quadrant."""
+        drawn independently, centred with a random offset that keeps the object inside its quadrant; each object's
+        texture gets its own period, orientation, phase and shade."""
         size = self.image_size
         half = size / 2.0
         count = int(rng.integers(1, self.max_objects + 1))
@@ -221,10 +243,14 @@ class ToyWorld:
             left, top = (quadrant % 2) * half, (quadrant // 2) * half
             cx = left + half / 2.0 + rng.uniform(-slack, slack)
             cy = top + half / 2.0 + rng.uniform(-slack, slack)
+            period = rng.uniform(*PERIOD_RANGE_AT_64) * self.scale
+            angle, phase = rng.uniform(0, np.pi), (float(rng.uniform()), float(rng.uniform()))
+            shade = rng.uniform(*SHADE_RANGE)
             mask = shape_mask(shape, cx, cy, r, size, size)
             ys, xs = np.nonzero(mask)
             bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            objects.append(ToyObject(shape, color, texture, size_word, cx / size, cy / size, r, bbox, quadrant))
+            objects.append(ToyObject(shape, color, texture, size_word, cx / size, cy / size, r, bbox, quadrant,
+                                     period, angle, phase, shade))
             masks.append(mask)
         return objects, masks
 
@@ -241,11 +267,11 @@ def _join(words: list[str]) -> str:
 
 
 def make_caption(objects: list[ToyObject], rng: np.random.Generator) -> str:
-    """Caption naming color and shape of every object (70 %) or only their shapes (30 %; without them
-    color alone would explain most captions and contrastive training would never need shape)."""
+    """Caption naming every object's shape and nothing else ("a picture of a circle and a cross."): contrastive
+    training can match captions to images only by telling shapes apart (with colour in the captions, the toy CLIP
+    learned colour and left shape at the untrained level)."""
     order = rng.permutation(len(objects))
-    full = rng.random() < 0.7
-    names = _join([with_article(objects[i].name if full else objects[i].shape) for i in order])
+    names = _join([with_article(objects[i].shape) for i in order])
     templates = ("{names}.", "a picture of {names}.", "there is {names}.", "an image with {names}.")
     return templates[rng.integers(len(templates))].format(names=names)
 
@@ -253,8 +279,9 @@ def make_caption(objects: list[ToyObject], rng: np.random.Generator) -> str:
 def answer_options(kind: str) -> list[str]:
     """Every possible answer of a question kind (the candidates ranked by likelihood scoring)."""
     if kind == "fusion":
-        return [f"{c} {t}" for c in COLORS for t in TEXTURES]
-    return list({"color": COLORS, "texture": TEXTURES, "size": SIZES}[kind])
+        first, second = (ATTRIBUTES[part] for part in FUSION_PARTS)
+        return [f"{a} {b}" for a in first for b in second]
+    return list(ATTRIBUTES[kind])
 
 
 def make_question(obj: ToyObject, kind: str) -> QA:

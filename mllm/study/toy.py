@@ -119,12 +119,26 @@ def _worker_init(profile: str) -> None:
     quiet_libraries()
 
 
-def run_jobs(jobs: list[tuple[Variant, int, dict]], study: Study, budget: Budget, out_dir: Path, force: bool) -> list[dict]:
-    """Every (variant, seed) LLaVA run, `budget.workers` at a time in separate processes (one torch thread
-    each: a small LM's step is dominated by per-op overhead, so processes scale where threads do not)."""
+def in_workers(function, jobs: list[tuple], workers: int, profile: str, done) -> None:
+    """Call `function(*job)` for every job, `workers` at a time in separate processes (one torch thread each: the
+    toy models' steps are dominated by per-op overhead, so processes scale where threads do not), calling
+    `done(index, result)` as each finishes; in this process, one after another, when `workers` <= 1."""
     import concurrent.futures
     import multiprocessing
 
+    if workers <= 1:
+        for index, job in enumerate(jobs):
+            done(index, function(*job))
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_init, initargs=(profile,)) as pool:
+        futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
+        for future in concurrent.futures.as_completed(futures):
+            done(futures[future], future.result())
+
+
+def run_jobs(jobs: list[tuple[Variant, int, dict]], study: Study, budget: Budget, out_dir: Path, force: bool) -> list[dict]:
+    """Every (variant, seed) LLaVA run, `budget.workers` at a time (`in_workers`)."""
     records: list[dict | None] = [None] * len(jobs)
     progress = tqdm(total=len(jobs), desc="study runs", unit="run")
 
@@ -134,16 +148,8 @@ def run_jobs(jobs: list[tuple[Variant, int, dict]], study: Study, budget: Budget
         tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
                    + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
 
-    if budget.workers <= 1:
-        for index, (variant, seed, paths) in enumerate(jobs):
-            done(index, run_variant(variant, seed, paths, study, budget, out_dir, force))
-    else:
-        with concurrent.futures.ProcessPoolExecutor(budget.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_worker_init, initargs=(budget.toy_profile,)) as pool:
-            futures = {pool.submit(run_variant, variant, seed, paths, study, budget, out_dir, force): index
-                       for index, (variant, seed, paths) in enumerate(jobs)}
-            for future in concurrent.futures.as_completed(futures):
-                done(futures[future], future.result())
+    in_workers(run_variant, [(variant, seed, paths, study, budget, out_dir, force) for variant, seed, paths in jobs],
+               budget.workers, budget.toy_profile, done)
     progress.close()
     return records
 
@@ -205,13 +211,22 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
     seeds = list(range(budget.seeds))
     students: dict[str, dict[int, str]] = {}  # {variant: {seed: export folder}}
     distill_info: dict[str, dict[int, dict]] = {}
+    distill_jobs = []  # (variant, seed) of every student to distill, `budget.workers` at a time
     for variant in (v for v in variants if v.kind == "student"):
         for seed in seeds:
             if study.student is not None and variant.distill_overlay is None:
                 students.setdefault(variant.name, {})[seed] = study.student
             else:
-                students.setdefault(variant.name, {})[seed], distill_info.setdefault(variant.name, {})[seed] = \
-                    distill_student(study, budget, out_dir, force, seed, variant.distill_overlay)
+                distill_jobs.append((variant, seed))
+
+    def distilled(index: int, result: tuple[str, dict]) -> None:
+        variant, seed = distill_jobs[index]
+        students.setdefault(variant.name, {})[seed], distill_info.setdefault(variant.name, {})[seed] = result
+
+    in_workers(distill_student, [(study, budget, out_dir, force, seed, variant.distill_overlay)
+                                 for variant, seed in distill_jobs], budget.workers, budget.toy_profile, distilled)
+    students = {name: dict(sorted(by_seed.items())) for name, by_seed in students.items()}
+    distill_info = {name: dict(sorted(by_seed.items())) for name, by_seed in distill_info.items()}
     phases["distillation"] = time.time() - clock
     features = Features(study, budget, out_dir, students)
     objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size, study.max_objects),
