@@ -30,7 +30,7 @@ from distill.data.sources import IMAGE_EXTENSIONS
 from distill.decode import decode_image
 from distill.encoders.resize import resize_center_crop
 from distill.skips import Skipped
-from distill.toy.skills import color_shape_prompts, object_labels
+from distill.toy.skills import object_labels, shape_prompts
 from distill.toy.world import HELDOUT_SEED, TRAIN_SEED, sample_pool
 
 
@@ -74,7 +74,7 @@ def toy_probe_set(image_size: int, num_bank: int, num_query: int, num_masked: in
         images, samples = sample_pool(seed, count, image_size=image_size, max_objects=1)
         return LabelledImages(_toy_images(images), {a: object_labels(samples, a) for a in attributes})
 
-    prompts, prompt_classes = color_shape_prompts()
+    prompts, prompt_classes = shape_prompts()
     masked_images, masks = None, None
     if num_masked:
         images, samples = sample_pool(HELDOUT_SEED, num_masked, image_size=image_size)

@@ -1,7 +1,7 @@
 """Skill report of the toy teachers on held-out images (ToyWorld seed HELDOUT_SEED), trained vs untrained.
 
-- CLIP: zero-shot color and shape accuracy on single-object images, from text prompts "a {color} {shape}."
-  (the arg-max over all color x shape prompts gives both answers).
+- CLIP: zero-shot shape accuracy on single-object images, from text prompts "a {shape}." (the captions name
+  shapes only).
 - DINO: k-NN (k=10, cosine, CLS features) accuracy of shape and texture on single-object images, with
   a bank of single-object training images.
 - SAM: mean IoU over all objects of multi-object images, prompted with one point (the mask pixel
@@ -9,7 +9,7 @@
 
 Each teacher is loaded from its checkpoint through its library's own loader; the untrained baseline is
 the same architecture with random weights. The scores come from distill/encoders/probes.py, which the
-in-training benchmarks of the student (distill/benchmarks/) share; `color_shape_prompts` and `object_labels`
+in-training benchmarks of the student (distill/benchmarks/) share; `shape_prompts` and `object_labels`
 are the toy world's prompts and labels for both.
 
     python -m distill.toy report [--cache DIR]
@@ -32,14 +32,13 @@ from distill.encoders.sam import build_sam
 from distill.toy.train_clip import build_clip, normalize_clip
 from distill.toy.train_dino import build_dino_vit
 from distill.toy.train_sam import sam_pixels
-from distill.toy.world import COLORS, HELDOUT_SEED, SHAPES, TEXTURES, TRAIN_SEED, ToySample, sample_pool
+from distill.toy.world import HELDOUT_SEED, SHAPES, TEXTURES, TRAIN_SEED, ToySample, sample_pool
 
 
-def color_shape_prompts() -> tuple[list[str], dict[str, list[str]]]:
-    """The toy zero-shot prompts "a {color} {shape}." for every pair, and {attribute: the class each prompt names}
-    for 'color' and 'shape' (the arg-max over all prompts answers both)."""
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
-    return [f"a {c} {s}." for c, s in pairs], {"color": [c for c, _ in pairs], "shape": [s for _, s in pairs]}
+def shape_prompts() -> tuple[list[str], dict[str, list[str]]]:
+    """The toy zero-shot prompts "a {shape}." (the words the captions use: shapes only, never colour), and
+    {attribute: the class each prompt names} for 'shape'."""
+    return [f"a {s}." for s in SHAPES], {"shape": list(SHAPES)}
 
 
 def object_labels(samples: list[ToySample], attribute: str) -> list[str]:
@@ -49,13 +48,13 @@ def object_labels(samples: list[ToySample], attribute: str) -> list[str]:
 
 @torch.inference_mode()
 def clip_zero_shot(model: open_clip.CLIP, tokenizer, num_images: int = 500) -> dict[str, float]:
-    """Zero-shot color and shape accuracy of an open_clip model on held-out single-object images."""
+    """Zero-shot shape accuracy of an open_clip model on held-out single-object images."""
     images, samples = sample_pool(HELDOUT_SEED, num_images, max_objects=1)
-    prompts, prompt_classes = color_shape_prompts()
+    prompts, prompt_classes = shape_prompts()
     text = model.encode_text(tokenizer(prompts))
     image = torch.cat([model.encode_image(normalize_clip(chunk)) for chunk in torch.from_numpy(images).split(256)])
     return {f"{attribute}_acc": zero_shot_accuracy(image, text, prompt_classes[attribute], object_labels(samples, attribute))
-            for attribute in ("color", "shape")}
+            for attribute in prompt_classes}
 
 
 @torch.inference_mode()
@@ -102,7 +101,7 @@ def skill_report(paths: dict[str, Path], seed: int = 0) -> dict[str, dict[str, d
 
 
 CHANCE = {
-    ("clip", "color_acc"): 1 / len(COLORS), ("clip", "shape_acc"): 1 / len(SHAPES),
+    ("clip", "shape_acc"): 1 / len(SHAPES),
     ("dino", "shape_acc"): 1 / len(SHAPES), ("dino", "texture_acc"): 1 / len(TEXTURES),
 }
 
