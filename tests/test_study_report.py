@@ -125,3 +125,15 @@ def test_tower_cost_fields():
     # 2x2 outputs * 4 channels * (3*8*8) MACs * 2
     assert cost["gflops_per_image"] == pytest.approx(2 * 2 * 4 * 192 * 2 / 1e9)
     assert cost["ms_per_image"] > 0
+
+
+def test_header_names_the_toy_build_it_measured(tmp_path, monkeypatch):
+    from mllm.study.report import toy_build
+
+    monkeypatch.setenv("UNITOWER_CACHE", str(tmp_path / "toyworld"))
+    monkeypatch.delenv("UNITOWER_TOY_PROFILE", raising=False)
+    assert toy_build() == "Toy world: build manifest not found."
+    (tmp_path / "toyworld").mkdir()
+    (tmp_path / "toyworld" / "manifest.json").write_text(json.dumps(
+        {"hash": "abc123", "version": 4, "build_seconds": 460.5, "stage_seconds": {"clip": 160.0}}))
+    assert toy_build() == "Toy world: build `abc123` (version 4, built in 460.5 s: {'clip': 160.0})."

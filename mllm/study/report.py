@@ -96,6 +96,21 @@ def gate(table: dict) -> tuple[bool, str]:
                   f"oracle {oracle:.3f} ≥ {GATE_ORACLE_MIN}.")
 
 
+def toy_build() -> str:
+    """'Toy world: build <hash> (version N, built in S s).' from the active cache's manifest (what the toy rows were
+    measured on); a note when it cannot be read."""
+    import json
+
+    from distill.toy.cache import MANIFEST, default_cache_dir
+
+    try:
+        manifest = json.loads((default_cache_dir() / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "Toy world: build manifest not found."
+    return (f"Toy world: build `{manifest.get('hash')}` (version {manifest.get('version')}, built in "
+            f"{manifest.get('build_seconds')} s: {manifest.get('stage_seconds')}).")
+
+
 def header(study, budget, smoke: bool, seconds: float | None) -> str:
     import yaml
 
@@ -112,7 +127,7 @@ def header(study, budget, smoke: bool, seconds: float | None) -> str:
                 f"seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every tower (the student's too), tokens "
                 f"standardized per channel. Scored: every question kind for every object of {budget.eval_images} "
                 f"held-out images (seed {HELDOUT_SEED}), answered by ranking the candidate answers' likelihood (sum of "
-                "answer-token log-probs).")
+                f"answer-token log-probs). {toy_build()}")
     return "\n".join([
         "# unitower baseline study" + (" (smoke)" if smoke else ""),
         "",
