@@ -129,3 +129,21 @@ def test_rank_answers_picks_the_highest_likelihood_option(tiny_llava):
         assert prediction == item.options[int(np.argmax(scores))]
     with pytest.raises(ValueError, match="needs candidate answers"):
         rank_answers(model, tokenizer, [items[0].__class__("q?", "a", "k", None, lambda: None)])
+
+
+def test_rank_answers_tokenizes_each_question_and_option_once(tiny_llava, monkeypatch):
+    import mllm.scoring
+
+    model, tokenizer, path = tiny_llava
+    items = ToySource(seed=1000, num_images=6, stage="finetune", features=path, max_objects=1).eval_items()
+    expected = rank_answers(model, tokenizer, items, batch_size=7)
+    calls = []
+
+    def counted(turns, *args, **kwargs):
+        calls.append((turns[0]["value"], turns[1]["value"]))
+        return tokenize_conversation(turns, *args, **kwargs)
+
+    monkeypatch.setattr(mllm.scoring, "tokenize_conversation", counted)
+    assert rank_answers(model, tokenizer, items, batch_size=7) == expected
+    pairs = {(f"<image>\n{i.question}", option) for i in items for option in i.options}
+    assert len(calls) == len(set(calls)) == len(pairs) < sum(len(i.options) for i in items)
