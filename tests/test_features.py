@@ -55,6 +55,20 @@ def test_cached_tower_standardizes_with_the_files_statistics(tmp_path):
         tower(torch.zeros(2, 5, 3))
 
 
+def test_cached_tower_whitening_decorrelates_the_channels(tmp_path):
+    torch.manual_seed(0)
+    mixing = torch.tensor([[3.0, 2.0, 0.0], [0.0, 1.5, 0.0], [0.0, 0.0, 0.05]])  # channels 0 and 1 correlate (0.8)
+    tokens = torch.randn(400, 4, 3) @ mixing + torch.tensor([5.0, -3.0, 0.0])
+    path = write_features(tokens, tmp_path / "f.safetensors", {"seed": 0, "image_size": 64})
+    flat = CachedTower(str(path), whiten=True)(tokens).reshape(-1, 3).double()
+    assert torch.allclose(flat.mean(0), torch.zeros(3, dtype=torch.double), atol=1e-4)
+    assert torch.allclose(torch.cov(flat.T), torch.eye(3, dtype=torch.double), atol=0.06)
+    plain = torch.corrcoef(CachedTower(str(path))(tokens).reshape(-1, 3).T.double())
+    assert plain[0, 1] > 0.7  # per-channel standardization alone leaves them correlated
+    blind = write_features(torch.zeros(5, 4, 3), tmp_path / "b.safetensors", {"seed": 0, "image_size": 64})
+    assert torch.equal(CachedTower(str(blind), whiten=True)(torch.zeros(2, 4, 3)), torch.zeros(2, 4, 3))
+
+
 def test_oracle_tokens_hold_the_ground_truth_of_each_quadrant():
     world = ToyWorld(seed=0, max_objects=2)
     tokens = oracle_tokens(0, 6, 64, grid=2, max_objects=2)
