@@ -2,9 +2,10 @@
 
 For a question with candidate answers (EvalItem.options), every (question, candidate) pair is tokenized
 exactly as a training record (`tokenize_conversation`: the same template, image tokens and end-of-turn
-token), and the candidate's score is the sum of the log-probabilities of its label tokens (the answer
-and the end-of-turn token the template trains on). All pairs are scored in batched forward passes (no
-generation), so a thousand images' questions take seconds on a toy LM.
+token; each distinct pair once, as question texts repeat across images), and the candidate's score is the
+sum of the log-probabilities of its label tokens (the answer and the end-of-turn token the template trains
+on). All pairs are scored in batched forward passes (no generation), so a thousand images' questions take
+seconds on a toy LM.
 
     predictions = rank_answers(model, tokenizer, items, chat_template=None, image_size=64)
 
@@ -43,11 +44,14 @@ def rank_answers(model: LlavaModel, tokenizer: Any, items: list[EvalItem], chat_
     num_tokens = model.tower.num_tokens
     device = next(model.projector.parameters()).device
     rows: list[tuple[int, list[int], list[int]]] = []  # (item index, input ids, labels)
+    tokenized: dict[tuple[str, str], tuple[list[int], list[int]]] = {}  # question texts repeat across images
     for index, item in enumerate(items):
         for turns in _pairs(item):
-            ids, labels = tokenize_conversation(turns, tokenizer, num_tokens, 10**6, num_images=1,
-                                                chat_template=chat_template, system_prompt=system_prompt)
-            rows.append((index, ids, labels))
+            pair = (turns[0]["value"], turns[1]["value"])
+            if pair not in tokenized:
+                tokenized[pair] = tokenize_conversation(turns, tokenizer, num_tokens, 10**6, num_images=1,
+                                                        chat_template=chat_template, system_prompt=system_prompt)
+            rows.append((index, *tokenized[pair]))
     scores = torch.empty(len(rows))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

@@ -55,6 +55,20 @@ def test_cached_tower_standardizes_with_the_files_statistics(tmp_path):
         tower(torch.zeros(2, 5, 3))
 
 
+def test_cached_tower_whitening_decorrelates_the_channels(tmp_path):
+    torch.manual_seed(0)
+    mixing = torch.tensor([[3.0, 2.0, 0.0], [0.0, 1.5, 0.0], [0.0, 0.0, 0.05]])  # channels 0 and 1 correlate (0.8)
+    tokens = torch.randn(400, 4, 3) @ mixing + torch.tensor([5.0, -3.0, 0.0])
+    path = write_features(tokens, tmp_path / "f.safetensors", {"seed": 0, "image_size": 64})
+    flat = CachedTower(str(path), whiten=True)(tokens).reshape(-1, 3).double()
+    assert torch.allclose(flat.mean(0), torch.zeros(3, dtype=torch.double), atol=1e-4)
+    assert torch.allclose(torch.cov(flat.T), torch.eye(3, dtype=torch.double), atol=0.06)
+    plain = torch.corrcoef(CachedTower(str(path))(tokens).reshape(-1, 3).T.double())
+    assert plain[0, 1] > 0.7  # per-channel standardization alone leaves them correlated
+    blind = write_features(torch.zeros(5, 4, 3), tmp_path / "b.safetensors", {"seed": 0, "image_size": 64})
+    assert torch.equal(CachedTower(str(blind), whiten=True)(torch.zeros(2, 4, 3)), torch.zeros(2, 4, 3))
+
+
 def test_oracle_tokens_hold_the_ground_truth_of_each_quadrant():
     world = ToyWorld(seed=0, max_objects=2)
     tokens = oracle_tokens(0, 6, 64, grid=2, max_objects=2)
@@ -133,3 +147,21 @@ def test_rank_answers_picks_the_highest_likelihood_option(tiny_llava):
         assert prediction == item.options[int(np.argmax(scores))]
     with pytest.raises(ValueError, match="needs candidate answers"):
         rank_answers(model, tokenizer, [items[0].__class__("q?", "a", "k", None, lambda: None)])
+
+
+def test_rank_answers_tokenizes_each_question_and_option_once(tiny_llava, monkeypatch):
+    import mllm.scoring
+
+    model, tokenizer, path = tiny_llava
+    items = ToySource(seed=1000, num_images=6, stage="finetune", features=path, max_objects=1).eval_items()
+    expected = rank_answers(model, tokenizer, items, batch_size=7)
+    calls = []
+
+    def counted(turns, *args, **kwargs):
+        calls.append((turns[0]["value"], turns[1]["value"]))
+        return tokenize_conversation(turns, *args, **kwargs)
+
+    monkeypatch.setattr(mllm.scoring, "tokenize_conversation", counted)
+    assert rank_answers(model, tokenizer, items, batch_size=7) == expected
+    pairs = {(f"<image>\n{i.question}", option) for i in items for option in i.options}
+    assert len(calls) == len(set(calls)) == len(pairs) < sum(len(i.options) for i in items)

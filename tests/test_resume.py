@@ -65,6 +65,17 @@ def test_sample_randomness_depends_only_on_seed_epoch_index():
     assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
 
 
+def test_sample_seeding_touches_only_the_cpu_generator(monkeypatch):
+    """Per-sample seeding draws what torch.manual_seed(seed) would on the CPU, and never seeds CUDA (a queued
+    CUDA reseed costs a stack trace per sample on CPU machines and would reseed a training GPU's dropout)."""
+    from distill.data.resumable import sample_seed
+
+    torch.manual_seed(sample_seed(5, 2, 7))
+    expected = torch.rand(())
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("sample seeding reseeded CUDA"))
+    assert SeededSamples(_RandomItems(), seed=5)[(2, 7)][1] == expected
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_state_round_trip(workers):
     def make():

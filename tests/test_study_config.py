@@ -99,7 +99,8 @@ def test_cached_stage_configs_parse_with_the_mllm_cli(tmp_path, stage):
     cfg = stage_config(recipe, stage, seed=2, steps=7, run_dir=tmp_path, features="/feat.safetensors", study=study,
                        budget=budget)
     assert cfg["seed_everything"] == 2 and cfg["trainer"]["max_steps"] == 7
-    assert cfg["model"]["tower"] == {"class_path": "mllm.features.CachedTower", "init_args": {"features": "/feat.safetensors"}}
+    assert cfg["model"]["tower"] == {"class_path": "mllm.features.CachedTower",
+                                     "init_args": {"features": "/feat.safetensors", "whiten": True}}
     train = cfg["data"]["train"]["init_args"]
     assert train["features"] == "/feat.safetensors" and train["max_objects"] == study.max_objects
     assert train["num_images"] == budget.train_images and cfg["data"]["val"] is None

@@ -51,7 +51,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def seeded_rng(seed: int) -> Iterator[None]:
     """Run a block with torch (CPU), numpy and python `random` seeded to `seed`; restore their states after."""
     torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
+    # the CPU generator only: torch.manual_seed would also queue a CUDA reseed (with a stack trace, ~1 ms per
+    # sample on a CPU machine) and reseed the training GPU's generators without restoring them
+    torch.random.default_generator.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     try:

@@ -39,7 +39,7 @@ def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path,
     """The recipe on cached tokens: CachedTower, the training world with `features`, this seed and steps."""
     cfg = copy.deepcopy(recipe)
     cfg["seed_everything"] = seed
-    cfg["model"]["tower"] = {"class_path": "mllm.features.CachedTower", "init_args": {"features": features}}
+    cfg["model"]["tower"] = {"class_path": "mllm.features.CachedTower", "init_args": {"features": features, "whiten": True}}
     trainer = cfg.setdefault("trainer", {})
     trainer.update(
         max_steps=steps, default_root_dir=str(run_dir / stage), limit_val_batches=0, enable_progress_bar=False,
