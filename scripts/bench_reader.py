@@ -6,7 +6,7 @@
 `--features` is a training-image cache file the study wrote (OUT/features/<variant>-seed0-<count>-<key>.safetensors)
 or `oracle` (ground-truth tokens of `--train-images` images, written to a temporary folder).
 
-The modules are the real ones: the study's finetune stage config (mllm.study.runner.stage_config on
+The modules are the real ones: the study's finetune stage config (mllm.study.toy.stage_config on
 configs/mllm/toy_finetune.yaml) built by the `unitower llava` CLI (LlavaModule, LlavaDataModule with a
 CachedTower and the cached-features ToySource). Prints the CPU model and torch thread count, then
 
@@ -54,7 +54,7 @@ def stage_cfg(features: str, batch_size: int, steps: int, run_dir: Path, precisi
     from dataclasses import replace
 
     from mllm.study.config import load_study, with_budget
-    from mllm.study.runner import stage_config
+    from mllm.study.toy import stage_config
 
     study = load_study(ROOT / "configs/study/toy.yaml")
     budget = replace(with_budget(study, smoke=False), train_images=train_images)
@@ -124,7 +124,7 @@ class HandLoop:
 
 
 def lightning_steps_per_second(cli) -> float:
-    from mllm.study.runner import steps_per_second
+    from mllm.study.common import steps_per_second
 
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return steps_per_second(cli)
@@ -146,7 +146,7 @@ def main() -> None:
         args.batch_sizes, args.steps, args.rounds, args.no_compile = [32, 128], 5, 1, True
     torch.set_num_threads(args.threads)
     from distill.precision import cpu_info
-    from mllm.study.runner import quiet_libraries
+    from mllm.study.common import quiet_libraries
 
     quiet_libraries()
     name, flags = cpu_info()

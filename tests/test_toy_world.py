@@ -3,6 +3,7 @@
     /work/venv/bin/pytest tests/test_toy_world.py -q
 """
 
+import dataclasses
 import json
 import tarfile
 
@@ -170,3 +171,14 @@ def test_shards_and_llava_json_round_trip(tmp_path):
     assert records[0]["conversations"][0]["value"].startswith("<image>\n")
     assert [t["from"] for t in records[0]["conversations"][:2]] == ["human", "gpt"]
     assert (tmp_path / "llava" / records[2]["image"]).is_file()
+
+
+def test_describe_gives_the_samples_description_without_drawing_it():
+    for world in (ToyWorld(seed=0), ToyWorld(seed=1000, max_objects=1), ToyWorld(seed=3, image_size=96)):
+        for index in range(40):
+            drawn, described = world[index], world.describe(index)
+            assert described.image is None and described.masks is None
+            assert described.caption == drawn.caption and described.qa == drawn.qa
+            for a, b in zip(described.objects, drawn.objects, strict=True):
+                assert a.bbox == (0, 0, 0, 0)
+                assert dataclasses.replace(a, bbox=b.bbox) == b

@@ -74,14 +74,13 @@ class ToySource(DataSource):
         return image if features is None else features[index]
 
     def _sample(self, index: int):
-        """World sample `index`; with cached features its pixels are not needed, so it is kept without them
-        and the records of an image (records_per_image of them) draw it once."""
+        """World sample `index`; with cached features its pixels are not needed, so it is only described
+        (ToyWorld.describe: same objects, caption and questions, nothing drawn) and the records of an image
+        (records_per_image of them) describe it once."""
         if self.features_path is None:
             return self.world[index]
         if index not in self._samples:
-            sample = self.world[index]
-            sample.image, sample.masks = None, None
-            self._samples[index] = sample
+            self._samples[index] = self.world.describe(index)
         return self._samples[index]
 
     def record(self, index: int) -> dict:
@@ -114,7 +113,7 @@ class ToySource(DataSource):
         """Every question of every object (all kinds) of the first num_images images; `image_index` set."""
         items = []
         for index in range(self.num_images):
-            sample = self.world[index]  # generated once; its questions share the image
+            sample = self._sample(index)  # generated once (only described with features); its questions share the image
             visual = self.visual(index, sample.image)
             load = (lambda v=visual: v)
             if self.stage == "align":
