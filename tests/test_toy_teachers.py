@@ -222,3 +222,19 @@ def test_toy_schedule_and_optimizer_step():
         assert torch.allclose(before - weight.detach(), torch.tensor([2.0 * seen[-1], 0.0, 0.0]), atol=1e-6)
     assert seen == pytest.approx(expected)
     assert seen[0] == pytest.approx(0.5) and seen[10] == pytest.approx(0.5) and seen[20] == pytest.approx(0.0)
+
+
+def test_cache_built_in_worker_processes_equals_the_one_process_build(tmp_path):
+    """Stages seed themselves: two worker processes (one thread each) write the same teachers as one process."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    one = toy_cache.build_cache(tmp_path / "one", FAST, progress=False, workers=1)
+    two = toy_cache.build_cache(tmp_path / "two", FAST, progress=False, workers=2)
+    for name in ("clip/open_clip_model.safetensors", "dino/model.safetensors"):
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = torch.load(one / "sam.pth", weights_only=True), torch.load(two / "sam.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert set(manifest["stage_seconds"]) == {"clip", "dino", "sam"} and manifest["hash"] == FAST.digest()
