@@ -222,7 +222,7 @@ class ToyWorld:
         if not 0 <= index < _VIRTUAL_LENGTH:
             raise IndexError(f"ToyWorld index {index} out of range [0, {_VIRTUAL_LENGTH}).")
         rng = np.random.default_rng([self.seed, self.image_size, self.max_objects, int(index)])
-        rng.uniform(70, 150), rng.uniform(-10, 10, size=3), rng.normal(0, 12, size=(self.image_size, self.image_size, 3))
+        self._background(rng)  # discarded: it only keeps the random draws in step with self[index]
         objects, _ = self._place_objects(rng, draw_masks=False)
         caption = make_caption(objects, rng)
         qa = [make_question(obj, kind) for obj in objects for kind in QA_KINDS]
