@@ -13,7 +13,7 @@ Run folders follow `trainer.default_root_dir` (both CLIs, `UnitowerCLI`): a Mode
 `<default_root_dir>/lightning_logs/version_N`. Checkpoints are written atomically
 (`AtomicCheckpointIO`), and temp files that killed runs left in the checkpoint folders are removed when
 the next fit starts. `trainer.precision: auto` picks bf16-mixed or 32-true for this machine
-(distill/precision.py: bf16 on CPU only where measured faster) and logs why.
+(distill/common/precision.py: bf16 on CPU only where measured faster) and logs why.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from distill.data import DistillDataModule
-from distill.io import remove_stale_temps
+from distill.common.io import remove_stale_temps
 from distill.module import DistillModule
-from distill.precision import AUTO, resolve_trainer_precision
+from distill.common.precision import AUTO, resolve_trainer_precision
 
-ATOMIC_CHECKPOINTS = {"plugins": [{"class_path": "distill.checkpoint_io.AtomicCheckpointIO"}]}
+ATOMIC_CHECKPOINTS = {"plugins": [{"class_path": "distill.common.checkpoint_io.AtomicCheckpointIO"}]}
 
 
 class UnitowerCLI(LightningCLI):
@@ -63,7 +63,7 @@ class UnitowerCLI(LightningCLI):
 
 
 def _allow_precision_auto(parser) -> None:
-    """Let `trainer.precision` also take "auto" (resolved per machine by distill.precision before the Trainer is built)."""
+    """Let `trainer.precision` also take "auto" (resolved per machine by distill.common.precision before the Trainer is built)."""
     action = parser._option_string_actions.get("--trainer.precision")
     if action is None or not hasattr(action, "_typehint"):
         raise RuntimeError("trainer.precision: auto needs jsonargparse's typed --trainer.precision action; "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.io import load_checkpoint as read_checkpoint
+from distill.common.io import load_checkpoint as read_checkpoint
 from distill.model import StudentModel
 from distill.module import upgrade_state_dict
 

@@ -41,8 +41,8 @@ from distill.cpe import enable_cpe, window_pos_embed
 from distill.encoders.base import check_images
 from distill.encoders.resize import normalize
 from distill.heads import AdaptorHead
-from distill.io import save_json, save_safetensors
-from distill.names import resolve_path
+from distill.common.io import save_json, save_safetensors
+from distill.common.names import resolve_path
 
 ADAPTORS_WEIGHTS, ADAPTORS_CONFIG = "adaptors.safetensors", "adaptors.json"
 CPE_WEIGHTS = "cpe_pos_embed.safetensors"  # the whole CPE position grid of an export (model.safetensors has a window)

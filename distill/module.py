@@ -25,7 +25,7 @@ from distill.encoders.base import EncoderOutput
 from distill.encoders.resize import resize
 from distill.feature_norm import NORMALIZERS
 from distill.model import StudentModel
-from distill.schedule import warmup_cosine
+from distill.common.schedule import warmup_cosine
 from distill.teacher import Teacher
 
 DENSE_LOSSES = ("cosine_smooth_l1", "mse")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.io import atomic_write
+from distill.common.io import atomic_write
 from distill.model import StudentModel
 
 ONNX_FILE = "student.onnx"

@@ -10,7 +10,7 @@ In YAML (one list item of `model.teachers`):
         encoder:
           class_path: distill.encoders.OpenClipEncoder
           init_args: {model_name: ViT-L-14-336, pretrained: /ckpts/clip.pt}
-        precision: auto        # fp32 (default) | bf16 | auto: bf16 autocast only where measured faster (distill/precision.py)
+        precision: auto        # fp32 (default) | bf16 | auto: bf16 autocast only where measured faster (distill/common/precision.py)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distill.encoders.base import Encoder, EncoderOutput
-from distill.precision import MIN_SPEEDUP, TEACHER_PRECISIONS, teacher_autocast_dtype
+from distill.common.precision import MIN_SPEEDUP, TEACHER_PRECISIONS, teacher_autocast_dtype
 
 
 class Teacher(nn.Module):
@@ -36,7 +36,7 @@ class Teacher(nn.Module):
         dense_weight: weight of the dense feature loss.
         precision: numeric precision of the teacher's forward pass: ``fp32``, ``bf16``, or ``auto`` (bf16
             autocast on CUDA with bf16 support; on CPU bf16 only where a measured ViT block runs faster than
-            fp32, see distill/precision.py: the cheapest precision for this machine, but machine-dependent,
+            fp32, see distill/common/precision.py: the cheapest precision for this machine, but machine-dependent,
             so a run resumed or repeated in another process may measure differently; hence not the default).
             Targets are returned in fp32 either way.
     """

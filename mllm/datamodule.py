@@ -15,7 +15,7 @@ from functools import partial
 
 from torch.utils.data import DataLoader
 
-from distill.skips import DataSkips
+from distill.common.skips import DataSkips
 from distill.data.resumable import (
     CountedResumableData,
     ResumableLoader,

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from distill.io import load_checkpoint, save_json
+from distill.common.io import load_checkpoint, save_json
 from distill.toy.world import HELDOUT_SEED
 from mllm.data import DataSource, EvalItem, ToySource
 from mllm.generate import generate_answers

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from distill.io import save_json, save_safetensors
-from distill.names import split_scheme
+from distill.common.io import save_json, save_safetensors
+from distill.common.names import split_scheme
 from distill.toy.cache import PROFILES, active_profile
 from mllm.towers import VisionTower
 

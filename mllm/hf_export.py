@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.io import write_dir
-from distill.state_dicts import key_differences
+from distill.common.io import write_dir
+from distill.common.state_dicts import key_differences
 from mllm.conversation import IMAGE_PLACEHOLDER, resolve_chat_template
 from mllm.model import LlavaModel
 from mllm.towers import EnsembleTower, SingleEncoderTower, StudentTower, VisionTower

@@ -1,6 +1,6 @@
 """Load the causal LM and its tokenizer from a local folder, a hub name (online only) or "toy:lm".
 
-    path = resolve_lm_path("toy:lm")          # the toy world's LM folder (resolved by distill.names)
+    path = resolve_lm_path("toy:lm")          # the toy world's LM folder (resolved by distill.common.names)
     lm, tokenizer = load_lm("toy:lm"), load_tokenizer("toy:lm")
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from distill.io import load_checkpoint
-from distill.names import resolve_path
+from distill.common.io import load_checkpoint
+from distill.common.names import resolve_path
 
 
 def resolve_lm_path(spec: str) -> str:

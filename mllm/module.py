@@ -18,10 +18,10 @@ from typing import Literal
 import lightning as L
 import torch
 
-from distill.io import load_weights
+from distill.common.io import load_weights
 from mllm.loading import load_lm
 from mllm.model import LlavaModel
-from distill.schedule import warmup_cosine
+from distill.common.schedule import warmup_cosine
 from mllm.towers import VisionTower
 
 

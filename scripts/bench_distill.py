@@ -34,7 +34,7 @@ from distill.cache.measure import format_report
 from distill.encoders import OpenClipEncoder, TimmEncoder
 from distill.model import StudentModel
 from distill.module import DistillModule
-from distill.precision import BF16_CPU_FLAGS, choose_precision, cpu_info
+from distill.common.precision import BF16_CPU_FLAGS, choose_precision, cpu_info
 from distill.teacher import Teacher
 from distill.toy.world import HELDOUT_SEED, ToyWorld
 from mllm.study.cost import count_flops

@@ -145,7 +145,7 @@ def main() -> None:
     if args.quick:
         args.batch_sizes, args.steps, args.rounds, args.no_compile = [32, 128], 5, 1, True
     torch.set_num_threads(args.threads)
-    from distill.precision import cpu_info
+    from distill.common.precision import cpu_info
     from mllm.study.common import quiet_libraries
 
     quiet_libraries()

@@ -189,7 +189,7 @@ def test_teacher_scores_match_the_toy_report(smoke_world):
     import open_clip
     import timm
 
-    from distill.names import resolve_model_name, resolve_path
+    from distill.common.names import resolve_model_name, resolve_path
     from distill.toy.skills import clip_zero_shot, dino_knn, sam_point_miou
 
     teachers = [Teacher("clip", OpenClipEncoder("toy:clip")), Teacher("dino", TimmEncoder("toy:dino", crop_pct=1.0)),

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import names
-from distill.io import remove_stale_temps, write_dir
-from distill.schedule import warmup_cosine, warmup_cosine_factor
-from distill.state_dicts import check_state_dict, key_differences
+from distill.common import names
+from distill.common.io import remove_stale_temps, write_dir
+from distill.common.schedule import warmup_cosine, warmup_cosine_factor
+from distill.common.state_dicts import check_state_dict, key_differences
 
 
 def test_schedule_shapes_by_hand():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from distill.data import DistillDataModule, ImageFolder, ShardImages
 from distill.data.augment import eval_transform, train_transform
-from distill.skips import Skipped
+from distill.common.skips import Skipped
 
 
 def png_bytes(size=(40, 30), value=128) -> bytes:

@@ -117,7 +117,7 @@ def fitted_run(request, tmp_path_factory, tiny_teacher_files):
 
 
 def test_cli_fit_resume_and_export(fitted_run):
-    from distill.checkpoint_io import AtomicCheckpointIO
+    from distill.common.checkpoint_io import AtomicCheckpointIO
 
     tmp_path, cli, cli2, out = fitted_run["tmp"], fitted_run["cli"], fitted_run["cli2"], fitted_run["export"]
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -27,7 +27,7 @@ from torchvision.transforms.functional import to_tensor
 
 import tiny_teachers as tiny
 from distill.encoders import ENCODERS, OpenClipEncoder, SamEncoder, TimmEncoder, build_encoder, build_sam
-from distill.names import resolve_model_name, resolve_path
+from distill.common.names import resolve_model_name, resolve_path
 
 EXACT_ATOL = 1e-4
 RESAMPLED_MIN_COSINE = 0.999  # measured ~0.99997; a wrong resize geometry (squash) gives 0.44-0.84

@@ -137,9 +137,9 @@ def pickle_bomb(tmp_path, monkeypatch):
 
 
 def _loaders():
-    from distill.checkpoint_io import AtomicCheckpointIO
+    from distill.common.checkpoint_io import AtomicCheckpointIO
     from distill.export import load_checkpoint as load_distill_checkpoint
-    from distill.io import load_weights
+    from distill.common.io import load_weights
     from mllm.evaluate import evaluate_checkpoint
     from mllm.module import load_trained_weights
 
@@ -157,7 +157,7 @@ def _loaders():
 
 @pytest.mark.parametrize("loader", list(_loaders()))
 def test_pickle_payload_never_runs(pickle_bomb, loader):
-    from distill.io import UnsafeCheckpointError
+    from distill.common.io import UnsafeCheckpointError
 
     path, marker = pickle_bomb
     with pytest.raises(UnsafeCheckpointError, match=r"bomb.pth' was refused because loading it would run pickled code .*posix.system"):
@@ -175,7 +175,7 @@ def test_unreadable_checkpoint_is_named(tmp_path, loader):
 
 
 def test_unreadable_safetensors_is_named(tmp_path):
-    from distill.io import load_weights
+    from distill.common.io import load_weights
 
     (tmp_path / "w.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=r"w.safetensors' is not a readable safetensors file"):
@@ -214,7 +214,7 @@ def test_timm_local_dir_with_checkpoint_of_other_model(tmp_path):
 
 
 def test_lm_folder_with_pickle_payload_is_refused(tmp_path, pickle_bomb):
-    from distill.io import UnsafeCheckpointError
+    from distill.common.io import UnsafeCheckpointError
     from mllm.loading import load_lm
     from tiny_llava import write_tiny_lm
 

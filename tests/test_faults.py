@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from distill.data import DistillDataModule, ImageFolder, ShardImages
-from distill.decode import decode_image, tar_samples
-from distill.skips import DataQualityError, DataSkips, Skipped, SkipTally
+from distill.common.decode import decode_image, tar_samples
+from distill.common.skips import DataQualityError, DataSkips, Skipped, SkipTally
 from tiny_llava import TINY_TEXTS, tiny_image, tiny_qa
 
 GRAY16 = round(0.38 * 65535)  # a 16-bit gray level whose true brightness is 0.38

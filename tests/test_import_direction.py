@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import its own layer and the layers below it, never one above:
 
-    common    distill.io, distill.schedule, distill.names, distill.state_dicts   (no project imports but each other)
+    common    distill.common.*                                                    (no project imports but each other)
     encoders  distill.encoders.*                                                  (the teacher wrappers)
     toy       distill.toy.*                                                       (the toy world: trains teachers with encoders)
     distill   every other distill module                                          (student, distillation, data, CLIs)
@@ -12,7 +12,7 @@ Layers, lowest first; a module may import its own layer and the layers below it,
 The graph is read with `ast` from the source files and counts every import, also those inside functions, so a
 cycle cannot hide behind a function-local import. A second check imports the packages in fresh interpreters and
 looks at `sys.modules`. The one way a lower layer reaches a higher one is the name resolver's provider table
-(`distill.names.PROVIDERS`, "module:function" strings imported on first use), which is checked here too.
+(`distill.common.names.PROVIDERS`, "module:function" strings imported on first use), which is checked here too.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("distill", "mllm")
-COMMON = {"distill.io", "distill.schedule", "distill.names", "distill.state_dicts"}
 LAYERS = ("common", "encoders", "toy", "distill", "mllm", "study")
 
 
 def layer_of(module: str) -> str:
-    if module in COMMON:
-        return "common"
-    for prefix, layer in (("distill.encoders", "encoders"), ("distill.toy", "toy"), ("mllm.study", "study")):
+    for prefix, layer in (("distill.common", "common"), ("distill.encoders", "encoders"), ("distill.toy", "toy"), ("mllm.study", "study")):
         if module == prefix or module.startswith(prefix + "."):
             return layer
     return module.split(".")[0]
@@ -182,7 +179,7 @@ def test_distill_never_names_mllm():
 
 
 def test_provider_table_points_up_only_to_the_toy_world():
-    from distill import names
+    from distill.common import names
 
     for scheme, provider in names.PROVIDERS.items():
         module = provider.split(":")[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill import losses
-from distill.schedule import warmup_cosine_factor
+from distill.common.schedule import warmup_cosine_factor
 
 
 def test_summary_cosine_hand_computed():

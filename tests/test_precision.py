@@ -1,4 +1,4 @@
-"""Precision chosen per machine (distill/precision.py): the decision from injected measurements, the
+"""Precision chosen per machine (distill/common/precision.py): the decision from injected measurements, the
 /proc/cpuinfo parsing, `trainer.precision: auto` through the CLI, and the teachers' autocast."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill import precision as P
+from distill.common import precision as P
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel

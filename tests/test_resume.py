@@ -245,7 +245,7 @@ def _dead_pid() -> int:
 
 
 def test_atomic_write_gives_normal_mode_and_stale_temps_are_removed(tmp_path):
-    from distill.io import atomic_write, remove_stale_temps
+    from distill.common.io import atomic_write, remove_stale_temps
 
     old = os.umask(0o022)
     try:
@@ -268,7 +268,7 @@ def test_atomic_write_gives_normal_mode_and_stale_temps_are_removed(tmp_path):
 
 
 def test_mllm_cli_paths_follow_default_root_dir_and_saves_atomically(tmp_path):
-    from distill.checkpoint_io import AtomicCheckpointIO
+    from distill.common.checkpoint_io import AtomicCheckpointIO
     from mllm.cli import make_cli
 
     cfg = read_recipe(ROOT / "configs/mllm/toy_align.yaml")

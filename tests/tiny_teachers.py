@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer, _cfg, _create_visi
 
 from distill.encoders.clip import save_open_clip_dir
 from distill.encoders.sam import build_sam
-from distill.io import atomic_write
+from distill.common.io import atomic_write
 
 TINY_CLIP_NAME = "unitower-tiny-clip"
 TINY_CLIP_CONFIG = {

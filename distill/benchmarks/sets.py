@@ -27,9 +27,9 @@ from torchvision.datasets.folder import find_classes
 from torchvision.transforms.functional import pil_to_tensor
 
 from distill.data.sources import IMAGE_EXTENSIONS
-from distill.decode import decode_image
+from distill.common.decode import decode_image
 from distill.encoders.resize import resize_center_crop
-from distill.skips import Skipped
+from distill.common.skips import Skipped
 from distill.toy.skills import object_labels, shape_prompts
 from distill.toy.world import HELDOUT_SEED, TRAIN_SEED, sample_pool
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from distill.io import save_safetensors
+from distill.common.io import save_safetensors
 
 HEADS = (2, 4, 8, 16, 32, 64)  # int8 head sizes `fit_within` tries
 ALPHAS = (0.5, 1.0)

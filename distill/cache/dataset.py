@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 from distill.cache.codec import PcaCodec
 from distill.cache.layout import unpack_view
 from distill.cache.views import apply_view
-from distill.decode import decode_image
-from distill.skips import Skipped
+from distill.common.decode import decode_image
+from distill.common.skips import Skipped
 
 
 def read_meta(root: str | Path) -> dict:

@@ -40,8 +40,8 @@ from distill.cache.layout import pack, tar_member_bytes, teacher_bytes, theia_by
 from distill.cache.views import apply_view, draw_view
 from distill.data.resumable import SeededSamples, SeededStream
 from distill.data.sources import ImageSource
-from distill.io import atomic_write, save_json
-from distill.skips import Skipped
+from distill.common.io import atomic_write, save_json
+from distill.common.skips import Skipped
 
 CACHE_VERSION = 1
 

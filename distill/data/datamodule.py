@@ -24,7 +24,7 @@ from distill.data.resumable import (
     trainer_rank,
 )
 from distill.data.sources import ImageSource
-from distill.skips import DataSkips, Skipped
+from distill.common.skips import DataSkips, Skipped
 
 
 def collate_images(items: list[torch.Tensor | Skipped]) -> dict:

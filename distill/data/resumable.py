@@ -302,7 +302,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class CountedResumableData(L.LightningDataModule):
     """What both packages' data modules share: the skip summary at the end of fit (`self.skips`, a
-    distill.skips.DataSkips) and the main process's random generators in every checkpoint."""
+    distill.common.skips.DataSkips) and the main process's random generators in every checkpoint."""
 
     def teardown(self, stage: str) -> None:
         if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):

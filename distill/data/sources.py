@@ -5,9 +5,9 @@
 - ShardImages: webdataset tar shards (local paths, brace patterns or URLs), split across nodes and
   DataLoader workers.
 
-Every image and shard is read through `distill.decode` (one policy for both packages). An item that
+Every image and shard is read through `distill.common.decode` (one policy for both packages). An item that
 cannot be used (undecodable, truncated, too small, missing member, damaged or missing shard) is returned
-as a `distill.skips.Skipped` marker naming the file or shard member; the DataModule counts the markers of
+as a `distill.common.skips.Skipped` marker naming the file or shard member; the DataModule counts the markers of
 each batch in the main process (exact with any number of workers), warns, and stops a run that skips more
 than `max_skipped_fraction`.
 """
@@ -23,15 +23,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from distill.decode import decode_image, tar_samples_stage
-from distill.skips import Skipped
+from distill.common.decode import decode_image, tar_samples_stage
+from distill.common.skips import Skipped
 
 Transform = Callable[[Image.Image], torch.Tensor]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def load_image(data: bytes | str | Path, where: str, min_size: int, file: str | None = None) -> Image.Image | Skipped:
-    """Decode an RGB image (distill.decode policy), or a Skipped marker when it is unusable or too small."""
+    """Decode an RGB image (distill.common.decode policy), or a Skipped marker when it is unusable or too small."""
     image = decode_image(data, where, file)
     if isinstance(image, Image.Image) and min(image.size) < min_size:
         return Skipped(where, str(file or where), "too small",

@@ -32,9 +32,9 @@ from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
 from distill.encoders.mha_layout import use_seq_first_layout
 from distill.encoders.paths import require_dir
-from distill.io import load_weights, save_json, save_safetensors, weight_keys
-from distill.names import resolve_model_name, resolve_path
-from distill.state_dicts import describe_key_mismatch
+from distill.common.io import load_weights, save_json, save_safetensors, weight_keys
+from distill.common.names import resolve_model_name, resolve_path
+from distill.common.state_dicts import describe_key_mismatch
 
 
 class OpenClipEncoder(Encoder):

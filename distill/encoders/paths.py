@@ -1,7 +1,7 @@
 """Checks of the local files and folders the encoder wrappers are given, with errors that say what to do.
 
-Names ('toy:NAME', 'local-dir:DIR', 'hf-hub:...') are resolved by `distill.names`; weight files are read by
-`distill.io.load_weights`; state dicts are compared by `distill.state_dicts`.
+Names ('toy:NAME', 'local-dir:DIR', 'hf-hub:...') are resolved by `distill.common.names`; weight files are read by
+`distill.common.io.load_weights`; state dicts are compared by `distill.common.state_dicts`.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from distill.encoders.base import Encoder, EncoderOutput
 from distill.encoders.resize import normalize
-from distill.io import load_weights
-from distill.names import resolve_path
-from distill.state_dicts import check_state_dict
+from distill.common.io import load_weights
+from distill.common.names import resolve_path
+from distill.common.state_dicts import check_state_dict
 
 
 def _build_tiny_sam() -> Sam:

@@ -24,9 +24,9 @@ from timm.data import resolve_data_config
 from distill.encoders import resize as R
 from distill.encoders.base import Encoder, EncoderOutput
 from distill.encoders.paths import require_dir
-from distill.io import load_weights
-from distill.names import resolve_model_name, resolve_path
-from distill.state_dicts import KeyDifferences, key_differences
+from distill.common.io import load_weights
+from distill.common.names import resolve_model_name, resolve_path
+from distill.common.state_dicts import KeyDifferences, key_differences
 
 
 class TimmEncoder(Encoder):

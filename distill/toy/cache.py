@@ -11,8 +11,8 @@ Layout of a cache directory (default: $UNITOWER_CACHE, else ~/.cache/unitower/to
 A cache is used only when its manifest exists, its hash equals the hash of the current settings and
 every listed file exists; otherwise (interrupted build, other settings, missing file) it is rebuilt.
 Builds happen in a sibling temp folder that replaces the cache folder only when complete
-(`distill.io.write_dir`); a lock file keeps two processes from building at once. `toy_path` is the
-provider of 'toy:NAME' names in `distill.names`.
+(`distill.common.io.write_dir`); a lock file keeps two processes from building at once. `toy_path` is the
+provider of 'toy:NAME' names in `distill.common.names`.
 
     from distill.toy.cache import toy_path
     toy_path("clip")        # builds the cache on first use (a few minutes, with progress bars)
@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distill.io import remove_stale_temps, save_json, write_dir
+from distill.common.io import remove_stale_temps, save_json, write_dir
 from distill.toy.train_clip import train_clip
 from distill.toy.train_dino import train_dino
 from distill.toy.train_sam import train_sam

@@ -20,8 +20,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from distill.io import write_dir
-from distill.schedule import warmup_cosine
+from distill.common.io import write_dir
+from distill.common.schedule import warmup_cosine
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 

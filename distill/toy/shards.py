@@ -17,7 +17,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from distill.io import atomic_write
+from distill.common.io import atomic_write
 from distill.toy.world import ToySample, ToyWorld
 
 CAPTION_PROMPT = "describe the image."

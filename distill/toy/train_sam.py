@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from distill.encoders.probes import mask_iou, point_prompts, predict_masks  # noqa: F401 (re-exported)
 from distill.encoders.sam import build_sam
-from distill.io import atomic_write
+from distill.common.io import atomic_write
 from distill.toy.training import optimizer_step, toy_schedule
 from distill.toy.world import TRAIN_SEED, ToySample, sample_pool
 

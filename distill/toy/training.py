@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.schedule import warmup_cosine
+from distill.common.schedule import warmup_cosine
 
 
 def toy_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

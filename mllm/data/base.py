@@ -9,7 +9,7 @@ from PIL import Image
 import torch
 from torch.utils.data import Dataset
 
-from distill.skips import Skipped
+from distill.common.skips import Skipped
 from mllm.data.encode import SampleEncoder
 
 ALIGN_PROMPT = "describe the image briefly."

@@ -1,7 +1,7 @@
 """LLaVA's released conversation JSON + image folder as a data source; bad records skipped and counted.
 
 Records that cannot be used (malformed, placeholder mismatch, missing image) are dropped at load and
-counted with the training's skip total (`load_skips()`); images are decoded by `distill.decode` (one policy
+counted with the training's skip total (`load_skips()`); images are decoded by `distill.common.decode` (one policy
 for both packages), and an image that turns out undecodable at training time is skipped and counted too.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from distill.decode import decode_image
-from distill.skips import Skipped
+from distill.common.decode import decode_image
+from distill.common.skips import Skipped
 from mllm.conversation import IMAGE_PLACEHOLDER, count_placeholders
 from mllm.data.base import DataSource, EvalItem, RecordDataset
 from mllm.data.encode import SampleEncoder
@@ -89,7 +89,7 @@ class LlavaJsonSource(DataSource):
         return len(self.records), list(self.dropped)
 
     def load_image(self, record: dict) -> Image.Image | Skipped | None:
-        """The record's RGB image (distill.decode policy), None for text-only records, or a Skipped marker."""
+        """The record's RGB image (distill.common.decode policy), None for text-only records, or a Skipped marker."""
         if "image" not in record:
             return None
         path = Path(self.image_folder or ".") / str(record["image"])

@@ -1,6 +1,6 @@
 """webdataset tar shards (a `json` LLaVA record + `jpg`/`png` per sample) as a data source.
 
-Shards are read and images decoded by `distill.decode` (one policy for both packages): a sample whose
+Shards are read and images decoded by `distill.common.decode` (one policy for both packages): a sample whose
 json or image member is missing or unusable, a damaged or truncated shard and a missing shard become
 Skipped markers naming shard and member, counted by the DataModule. The shards `python -m distill.toy export`
 writes (json = caption + question/answer pairs, no "conversations") are read as the same conversations as
@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from distill.decode import decode_image, tar_samples_stage
-from distill.skips import Skipped
+from distill.common.decode import decode_image, tar_samples_stage
+from distill.common.skips import Skipped
 from mllm.conversation import IMAGE_PLACEHOLDER
 from mllm.data.base import DataSource, EvalItem, encode_or_skip
 from mllm.data.encode import SampleEncoder

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.io import atomic_write
+from distill.common.io import atomic_write
 from mllm.study.config import STUDENT_PLACEHOLDER, Study, Variant
 
 
@@ -76,7 +76,7 @@ def quiet_libraries() -> None:
 
 def steps_per_second(cli) -> float | None:
     """The StepTimer measurement of a finished fit (None if the run had too few steps)."""
-    from distill.timing import StepTimer
+    from distill.common.timing import StepTimer
 
     timers = [c for c in cli.trainer.callbacks if isinstance(c, StepTimer)]
     return timers[0].steps_per_second if timers else None

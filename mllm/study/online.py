@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from distill.io import save_json
+from distill.common.io import save_json
 from mllm.study.config import Budget, Study, Variant
 from mllm.study.cost import count_params, tower_cost
 from mllm.study.common import build_tower, config_key, fit, steps_per_second, variant_tower, write_yaml
@@ -31,7 +31,7 @@ def online_config(recipe: dict, tower: dict, stage: str, seed: int, steps: int, 
     cfg["model"]["tower"] = tower
     trainer = cfg.setdefault("trainer", {})
     trainer.update(max_steps=steps, default_root_dir=str(run_dir / stage), limit_val_batches=0,
-                   enable_checkpointing=False, callbacks=[{"class_path": "distill.timing.StepTimer"}],
+                   enable_checkpointing=False, callbacks=[{"class_path": "distill.common.timing.StepTimer"}],
                    logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
                            "init_args": {"save_dir": str(run_dir), "name": stage}})
     trainer.pop("val_check_interval", None)

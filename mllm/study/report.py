@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.io import atomic_write, save_json
+from distill.common.io import atomic_write, save_json
 from distill.toy.world import HELDOUT_SEED
 from mllm.study.claims import EQUIVALENCE_MARGIN, build_claims, weak_links
 from mllm.study.gates import mean_probes, reader_gate, skill_gate, skill_table

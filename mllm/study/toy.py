@@ -27,7 +27,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from distill.io import save_json
+from distill.common.io import save_json
 from mllm.study.config import Budget, Study, Variant
 from mllm.study.cost import count_params
 from mllm.study.instrument import Features, probe_variant, questions, text_prior
@@ -45,7 +45,7 @@ def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path,
         max_steps=steps, default_root_dir=str(run_dir / stage), limit_val_batches=0, enable_progress_bar=False,
         enable_model_summary=False, log_every_n_steps=max(1, min(50, steps)), enable_checkpointing=False,
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": stage}},
-        callbacks=[{"class_path": "distill.timing.StepTimer"}],
+        callbacks=[{"class_path": "distill.common.timing.StepTimer"}],
     )
     trainer.pop("val_check_interval", None)
     data = cfg.setdefault("data", {})
@@ -179,7 +179,7 @@ def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, se
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}},
         callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(run_dir), "filename": "student", "enable_version_counter": False}},
-                   {"class_path": "distill.timing.StepTimer"}],
+                   {"class_path": "distill.common.timing.StepTimer"}],
     )
     started = time.time()
     args = ["fit", "-c", str(write_yaml(cfg, run_dir / "distill.yaml"))]

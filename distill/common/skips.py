@@ -5,7 +5,7 @@
     tally.add([marker], used=31)            # warns, counts by reason and by file, checks the ceiling
     print(tally.summary())                  # [train] 31 items used, 1 skipped: {...}; worst files: ...
 
-Loaders (`distill.decode`, the sources of both packages) never raise or drop silently: they return markers,
+Loaders (`distill.common.decode`, the sources of both packages) never raise or drop silently: they return markers,
 datasets pass them through to the batch, and the DataModule counts them in the main process
 (`on_before_batch_transfer`), so counts are exact whatever the number of DataLoader workers. A tally warns
 (the first 20 markers in full, then at every power of ten), stops a run once more than `max_skipped_fraction`

@@ -21,7 +21,7 @@ Policy (the same for distill and mllm):
   shard reports where it was cut; a missing or unreadable shard is one marker. A sample that loses a member
   this way is then skipped by the consumer ("no image member"), so each lost sample is counted once and each
   damaged region once more (a garbage header counts 2: "damaged tar header" + "no image member").
-- The markers are counted by `distill.skips` (SkipTally / DataSkips) in the main process.
+- The markers are counted by `distill.common.skips` (SkipTally / DataSkips) in the main process.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from distill.skips import Skipped
+from distill.common.skips import Skipped
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 

@@ -1,6 +1,6 @@
 """Lightning CheckpointIO that writes each checkpoint to a temporary file and renames it into place,
 so an interrupted save never leaves a truncated .ckpt behind, and reads checkpoints (resume, validate)
-with weights_only=True always, as `distill.io.load_checkpoint` does (used by both CLIs)."""
+with weights_only=True always, as `distill.common.io.load_checkpoint` does (used by both CLIs)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pickle
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from distill.io import atomic_write, load_checkpoint
+from distill.common.io import atomic_write, load_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,7 +3,7 @@ steps per second without gradient accumulation).
 
     trainer:
       callbacks:
-        - class_path: distill.timing.StepTimer
+        - class_path: distill.common.timing.StepTimer
 
 The first `skip` steps (warm-up, data-loader start) are not counted. The rate is printed when fit
 ends, kept as `timer.steps_per_second`, and written to `<default_root_dir>/steps_per_second.json`.
@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from distill.io import save_json
+from distill.common.io import save_json
 
 
 class StepTimer(Callback):
