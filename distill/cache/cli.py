@@ -6,7 +6,8 @@ the compressed teacher-feature cache (distill/cache/writer.py).
 
 The teachers are `model.teachers` of the config, the images `data.train`, the crops follow
 `data.image_size`, `data.min_scale` and `data.hflip`; DataLoader workers (`--workers`, default
-`data.num_workers`) decode and crop, the teachers run in this process.
+`data.num_workers`) decode and crop, the teachers run in this process, on `--device` (default: the GPU when
+there is one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
 import yaml
 
 
@@ -53,6 +55,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--calibration-images", type=int, default=256, help="images the PCA bases are fitted on")
     parser.add_argument("--max-ratio", type=float, default=0.2, help="byte budget per teacher vs Theia's bf16 layout")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stored crops")
+    parser.add_argument("--device", default=None, help="where the teachers run (default: cuda when available, else cpu)")
     opts = parser.parse_args(argv)
     with open(opts.config) as f:
         config = yaml.safe_load(f)
@@ -64,6 +67,7 @@ def main(argv: list[str]) -> dict:
         min_scale=data.min_scale, hflip=data.hflip, max_images=opts.images, batch_size=opts.batch_size,
         num_workers=data.num_workers if opts.workers is None else opts.workers, shard_size=opts.shard_size,
         calibration_images=opts.calibration_images, max_ratio=opts.max_ratio, seed=opts.seed,
+        device=opts.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     summary = {"images": meta["images"], "skipped": meta["skipped"], "shards": meta["shards"],
                "bytes_per_image": meta["bytes_per_image"],

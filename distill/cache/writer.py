@@ -12,6 +12,7 @@ Output folder:
     index.json                    per sample: shard, offsets and sizes of its png / tgt members, views
                                   (random access for training without scanning the tars)
 
+The teachers run on `device` (e.g. "cuda"; `python -m distill cache --device`), the codecs on the CPU.
 Each image gets `views` random-resized crops drawn like the training augmentation, seeded from
 (seed, index) so a rebuild writes the same crops; the teachers see exactly the tensor the student will
 get for that view. Images are decoded and cropped in DataLoader workers; the teachers run in this
@@ -64,12 +65,22 @@ def _collate(items: list) -> list:
     return items
 
 
-def _run_teachers(teachers, pixels: torch.Tensor) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+def _run_teachers(teachers, pixels: torch.Tensor, device: torch.device) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """{teacher: (summary, dense)} of `pixels`, run on `device`; returned on the CPU (the codecs run there)."""
     out = {}
+    pixels = pixels.to(device, non_blocking=True)
     for t in teachers:
         target = t.targets(pixels)
-        out[t.name] = (target.summary, target.dense)
+        out[t.name] = (None if target.summary is None else target.summary.cpu(), target.dense.cpu())
     return out
+
+
+def _teacher_device(teachers) -> torch.device:
+    """The device of the first teacher parameter or buffer (CPU for parameterless teachers)."""
+    for t in teachers:
+        for tensor in (*t.parameters(), *t.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _tokens(dense: torch.Tensor) -> torch.Tensor:
@@ -101,9 +112,15 @@ def build_cache(
     components: dict[str, int] | None = None,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict:
-    """Write the cache (see the module docstring); returns its meta.json content."""
+    """Write the cache (see the module docstring); returns its meta.json content. `device`: where the teachers
+    run (they are moved there; e.g. "cuda"); None = where their parameters already are."""
     out = Path(out)
+    if device is not None:
+        for t in teachers:
+            t.to(device)
+    device = _teacher_device(teachers)
     out.mkdir(parents=True, exist_ok=True)
     dataset = source.dataset(_ViewMaker(image_size, views, min_scale, hflip))
     if isinstance(dataset, IterableDataset):
@@ -211,7 +228,7 @@ def build_cache(
         stats["skipped"] += len(batch) - len(samples)
         if samples:
             pixels = torch.cat([s["pixels"] for s in samples])
-            outputs = _run_teachers(teachers, pixels)
+            outputs = _run_teachers(teachers, pixels, device)
             for t in teachers:
                 grids[t.name] = list(outputs[t.name][1].shape[-2:])
             start = 0
