@@ -558,7 +558,8 @@ def llava_export(check: Check) -> dict:
     start = time.perf_counter()
     # chat_template None (the tokenizer's jinja template): a LLaVA template name ("vicuna_v1", "plain") reaches
     # hf_export._processor as a LlavaTemplate object and fails there (TypeError), a known gap of the export
-    export_model(module.model, load_tokenizer(str(lm)), str(out), chat_template=None, pad_to_square=True)
+    tokenizer = load_tokenizer(str(lm))
+    export_model(module.model, tokenizer, str(out), chat_template=None, pad_to_square=True)
     write_s = time.perf_counter() - start
     start = time.perf_counter()
     hf = LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).to(check.device).eval()
@@ -567,7 +568,8 @@ def llava_export(check: Check) -> dict:
     model = module.model.float().to(check.device).eval()  # the LM is merged in place by the export
     size = model.tower.input_size[0]
     pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(check.device)
-    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0)).to(check.device)
+    # text ids below the tokenizer's size: the export's <image> id comes right after them
+    ids = torch.randint(3, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0)).to(check.device)
     with torch.no_grad():
         ours = model.tower(pixels)
         hidden = hf.model.vision_tower(model.tower.encoder.preprocess(pixels), output_hidden_states=True)

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py: the CPU run of every path (slow) and of one path, the step meter's counts inside a real
+"""scripts/gpu_check.py: the CPU run of every path (about 20 s) and of one path, the step meter's counts inside a real
 Trainer, the peak-FLOPs table, a failing path that does not stop the others, and the time budget."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ def by_path(results: list[dict]) -> dict[str, dict]:
     return {r["path"]: r for r in results}
 
 
-@pytest.mark.slow  # every path at tiny sizes: about 50 s on 2 shared cores
 def test_cpu_run_of_every_path(tmp_path):
     results = by_path(gpu_check.main(["--cpu", "--out", str(tmp_path)]))
     assert list(results) == list(gpu_check.PATHS)
