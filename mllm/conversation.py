@@ -29,6 +29,7 @@ SentencePiece Llama tokenizer.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,25 @@ LLAVA_TEMPLATES = {
     "vicuna_v1": LlavaTemplate(VICUNA_V1_SYSTEM),
     "plain": LlavaTemplate("", ("", ""), sep="\n", sep2="\n", plain=True),
 }
+
+
+def llava_template_jinja(template: LlavaTemplate, bos: bool) -> str:
+    """`template` as a jinja chat template for other tools (the transformers processor of `mllm export`): it renders
+    the text `_render_llava` renders, with and without the generation prompt, after "{{ bos_token }}" when `bos`
+    (unitower tokenizes LLaVA templates with the tokenizer's special tokens, so BOS is there exactly when the
+    tokenizer adds one; jinja templates write their own)."""
+    start = "{{ bos_token }}" if bos else ""
+    if template.plain:  # "<image>" + caption + sep; the question is dropped, the prompt is the image alone
+        return (start + IMAGE_PLACEHOLDER + "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+                + template.sep + "{% endif %}{% endfor %}")
+    user, assistant = template.roles
+    return (start + "{% set ns = namespace(system=" + json.dumps(template.system) + ", found=false) %}"
+            "{% for m in messages %}{% if m['role'] == 'system' and not ns.found %}"
+            "{% set ns.system = m['content'] %}{% set ns.found = true %}{% endif %}{% endfor %}"
+            "{{ ns.system }}" + template.sep + "{% for m in messages %}{% if m['role'] == 'user' %}"
+            + user + ": {{ m['content'] }}" + template.sep + "{% elif m['role'] == 'assistant' %}"
+            + assistant + ": {{ m['content'] }}" + template.sep2 + "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + assistant + ":{% endif %}")
 
 
 class ConversationError(ValueError):

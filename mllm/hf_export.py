@@ -37,7 +37,7 @@ from torch import nn
 
 from distill.common.io import write_dir
 from distill.common.state_dicts import key_differences
-from mllm.conversation import IMAGE_PLACEHOLDER, resolve_chat_template
+from mllm.conversation import IMAGE_PLACEHOLDER, LlavaTemplate, llava_template_jinja, resolve_chat_template
 from mllm.model import LlavaModel
 from mllm.towers import EnsembleTower, SingleEncoderTower, StudentTower, VisionTower
 
@@ -357,8 +357,12 @@ def _with_image_token(tokenizer: Any, chat_template: str | None) -> Any:
     import copy
 
     tokenizer = copy.deepcopy(tokenizer)
+    template = resolve_chat_template(tokenizer, chat_template)
+    if isinstance(template, LlavaTemplate):  # "vicuna_v1", "plain": rendered in Python by unitower, jinja here
+        bos = tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+        template = llava_template_jinja(template, bos)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
-    tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+    tokenizer.chat_template = template
     return tokenizer
 
 

@@ -120,3 +120,22 @@ def test_plain_answers_stop_at_newline():
 
     assert answer_stop("plain") == "\n"
     assert answer_stop("vicuna_v1") is None and answer_stop(None) is None
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "plain"])
+@pytest.mark.parametrize("bos", [True, False])
+def test_llava_templates_as_jinja_render_the_same_text(tokenizer, name, bos):
+    """What `mllm export` gives the transformers processor: LLaVA's text, with or without the generation prompt."""
+    from mllm.conversation import LLAVA_TEMPLATES, llava_template_jinja, render_conversation, to_messages
+
+    template = LLAVA_TEMPLATES[name]
+    jinja = llava_template_jinja(template, bos)
+    conversations = {"vicuna_v1": RECORD["conversations"], "plain": RECORD["conversations"][:2]}[name]
+    start = tokenizer.bos_token if bos else ""
+    for system in (None, "Answer briefly."):
+        messages = to_messages(conversations, system_prompt=system)
+        for cut, generation in ((len(messages), False), (len(messages) - 1, True)):
+            ours = render_conversation(messages[:cut], tokenizer, template, generation_prompt=generation)[0]
+            theirs = tokenizer.apply_chat_template(messages[:cut], chat_template=jinja, tokenize=False,
+                                                   add_generation_prompt=generation)
+            assert theirs == start + ours
