@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py: the CPU run of every path (about 20 s) and of one path, the step meter's counts inside a real
+"""scripts/gpu_check.py: the CPU run of every path (about 25 s on 2 cores) and of one path, the step meter's counts inside a real
 Trainer, the peak-FLOPs table, a failing path that does not stop the others, and the time budget."""
 
 from __future__ import annotations
