@@ -22,7 +22,8 @@ its traceback, and the next path still runs; a path starts only while --budget-s
                   transformers; tower and LM max abs differences
 Per path it prints: images/s over the timed steps (each synchronized, from batch start to batch end: the data
 loader's wait is not in it; the first step is not timed), GFLOPs per image counted by torch's FlopCounterMode on
-the first step (teachers' forward, student forward + backward; matmuls, convolutions and attention), MFU = counted
+the first step (teachers' forward, student forward + backward; matmuls, convolutions and attention; with gradient
+checkpointing, as in the LoRA recipe, the recomputed forward too), MFU = counted
 FLOPs/s over the device's peak dense bf16 FLOPs (the assumed peak is printed; --peak-tflops sets it), peak memory
 (torch.cuda.max_memory_allocated) and wall seconds; then a table, and the results as JSON (--out/results.json).
 Images are toy-world pictures generated small and cropped up to each recipe's size (cheap to make).
