@@ -161,12 +161,9 @@ def vision_export(tower: VisionTower) -> dict:
             "lmms-eval entry mllm/lmms_eval.py instead."
         )
     if isinstance(tower, StudentTower):
-        raise ExportError(
-            "StudentTower cannot be exported: the distilled student (register tokens, adaptor heads, its own input "
-            "conditioner) is no transformers architecture, and transformers' Llava reads NCHW maps from TimmWrapper "
-            "(see the timm refusal), so it needs custom model code (trust_remote_code), which this export does not "
-            "write. Use `python -m mllm evaluate` or the lmms-eval entry mllm/lmms_eval.py instead."
-        )
+        from mllm.hf_student import student_vision_export
+
+        return student_vision_export(tower)
     if not isinstance(tower, SingleEncoderTower):
         raise ExportError(f"{type(tower).__name__} is not a tower this export knows; only SingleEncoderTower maps.")
     encoder = tower.encoder
