@@ -122,3 +122,16 @@ def test_refuses_students_llava_cannot_express(tmp_path):
         vision_export(StudentTower(str(folder), layer=-2, grid=2))
     kept = vision_export(StudentTower(str(folder), layer=-2, keep_cls=True))
     assert kept["select_strategy"] == "full" and kept["feature_layer"] == -2
+
+
+def test_refuses_modules_transformers_llava_has_no_place_for(tmp_path):
+    """A fusion module (or anything else) beside tower, projector and LM is refused, not silently dropped."""
+    from transformers import AutoModelForCausalLM
+
+    lm = write_tiny_lm(tmp_path / "lm", steps=1)
+    model = LlavaModel(StudentTower(str(write_student(tmp_path / "s")), layer=-2),
+                       AutoModelForCausalLM.from_pretrained(lm), "mlp2x_gelu")
+    model.fusion = torch.nn.Linear(32, 32)
+    with pytest.raises(ExportError, match=r"modules \['fusion'\].*trust_remote_code"):
+        export_model(model, load_tokenizer(str(lm)), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
