@@ -17,6 +17,7 @@ def test_fit_sets_max_epochs_prints_lines_and_filters_the_noise(tmp_path, capsys
     lm, vit = write_tiny_lm(tmp_path / "lm", steps=2), write_timm_dir(tmp_path / "vit")
     data = write_llava_json(tiny_llava_records(tmp_path / "img", 8, "finetune"), tmp_path / "d.json")
     trainer = {**cli_trainer(tmp_path / "run", 5, "finetune"), "log_every_n_steps": 2}
+    trainer.pop("enable_progress_bar")  # the CLI decides: stdout here (pytest's capture) is no terminal
     config = {"trainer": trainer,
               "model": {"tower": timm_tower(vit), "lm": str(lm), "stage": "finetune", "init_from": None},
               "data": {"train": {"class_path": "mllm.data.LlavaJsonSource",
@@ -29,6 +30,7 @@ def test_fit_sets_max_epochs_prints_lines_and_filters_the_noise(tmp_path, capsys
         warnings.simplefilter("always")
         cli = make_cli(["fit", "-c", str(tmp_path / "c.yaml")])
     assert cli.trainer.global_step == 5
+    assert cli.trainer.progress_bar_callback is None  # no redrawn bar in a file
     assert cli.trainer.max_epochs == 3  # 8 records / batch 4 = 2 steps an epoch; 5 steps need 3 epochs
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("[fit] step")]
