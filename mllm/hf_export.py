@@ -48,6 +48,7 @@ from torch import nn
 from distill.common.io import write_dir
 from distill.common.state_dicts import key_differences
 from mllm.conversation import IMAGE_PLACEHOLDER, resolve_chat_template
+from mllm.hf_student import ExportError, student_vision_export
 from mllm.model import LlavaModel
 from mllm.towers import EnsembleTower, SingleEncoderTower, StudentTower, VisionTower
 
@@ -66,10 +67,6 @@ _CONTENT_LIST_PRELUDE = (
     "{%- endif -%}{%- endfor -%}"
     "{%- set messages = _flat.messages -%}"
 )
-
-
-class ExportError(ValueError):
-    """The checkpoint holds something transformers' LlavaForConditionalGeneration cannot express without remote code."""
 
 
 def export_checkpoint(ckpt_path: str, out_dir: str, image_size: int | None = None) -> Path:
@@ -178,8 +175,6 @@ def vision_export(tower: VisionTower) -> dict:
             "lmms-eval entry mllm/lmms_eval.py instead."
         )
     if isinstance(tower, StudentTower):
-        from mllm.hf_student import student_vision_export
-
         return student_vision_export(tower)
     if not isinstance(tower, SingleEncoderTower):
         raise ExportError(f"{type(tower).__name__} is not a tower this export knows; only SingleEncoderTower maps.")

@@ -39,10 +39,13 @@ import torch
 from torch import nn
 
 
+class ExportError(ValueError):
+    """The checkpoint holds something transformers' LlavaForConditionalGeneration cannot express without remote code
+    (raised here and by mllm/hf_export.py, which re-exports it)."""
+
+
 def student_vision_export(tower: Any) -> dict:
     """{config, state, feature_layer, select_strategy, preprocess} of a StudentTower (see the module docstring)."""
-    from mllm.hf_export import ExportError
-
     encoder = tower.encoder
     student = encoder.student
     vit = student.model
@@ -88,8 +91,6 @@ def _check_blocks(vit: nn.Module, what: str) -> None:
     from timm.layers import LayerScale, Mlp
     from timm.models.vision_transformer import Block
 
-    from mllm.hf_export import ExportError
-
     problems = []
     if vit.cls_token is None or vit.no_embed_class or vit.pos_embed is None:
         problems.append("a class token with its own position entry")
@@ -134,8 +135,6 @@ def _dinov2_weights(vit: nn.Module, side: int, patch: int) -> tuple[Any, dict[st
     first = blocks[0]
     hidden = first.mlp.fc1.out_features
     if hidden % dim:
-        from mllm.hf_export import ExportError
-
         raise ExportError(f"StudentTower: MLP width {hidden} is no multiple of the width {dim}; Dinov2Config's "
                           "mlp_ratio is an integer.")
     config = Dinov2Config(
