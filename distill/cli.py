@@ -14,6 +14,12 @@ Run folders follow `trainer.default_root_dir` (both CLIs, `UnitowerCLI`): a Mode
 (`AtomicCheckpointIO`), and temp files that killed runs left in the checkpoint folders are removed when
 the next fit starts. `trainer.precision: auto` picks bf16-mixed or 32-true for this machine
 (distill/common/precision.py: bf16 on CPU only where measured faster) and logs why.
+
+Progress (distill/common/progress.py StepProgress, added to every trainer): with `max_steps` set, max_epochs
+becomes the epochs it needs (no "Epoch 0/-2"); when stdout is no terminal the redrawn bar is off and a plain
+line is printed every `log_every_n_steps` steps. Warnings that say nothing about the run are filtered where the
+CLI starts (QUIET_WARNINGS: LightningCLI's args-and-command-line notice, which `unitower` causes by design, a
+Lightning-vs-torch deprecation, and the frozen encoders' eval-mode notice, eval being intended).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any, Literal, Union
 
 from jsonargparse import Namespace
@@ -31,12 +38,29 @@ from distill.data import DistillDataModule
 from distill.common.io import remove_stale_temps
 from distill.module import DistillModule
 from distill.common.precision import AUTO, resolve_trainer_precision
+from distill.common.progress import StepProgress
 
 ATOMIC_CHECKPOINTS = {"plugins": [{"class_path": "distill.common.checkpoint_io.AtomicCheckpointIO"}]}
 
 
+# (message regex, why it is noise). Matched at the start of the message, as warnings.filterwarnings does.
+QUIET_WARNINGS = (
+    (r"LightningCLI's args parameter is intended", "unitower hands the arguments after its subcommand as `args`"),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "Lightning's own call into torch's pytree"),
+    (r"Found \d+ module\(s\) in eval mode at the start of training", "frozen encoders stay in eval() by design"),
+)
+
+
 class UnitowerCLI(LightningCLI):
     """LightningCLI whose checkpoint and log folders follow `trainer.default_root_dir` (see module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for pattern, _ in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        super().__init__(*args, **kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        return super()._instantiate_trainer(config, [*callbacks, StepProgress()])
 
     def add_core_arguments_to_parser(self, parser) -> None:
         super().add_core_arguments_to_parser(parser)
@@ -47,6 +71,8 @@ class UnitowerCLI(LightningCLI):
         trainer = config.trainer
         trainer.precision = resolve_trainer_precision(trainer.precision, trainer.accelerator)  # "auto": measured
         root = trainer.default_root_dir or os.getcwd()
+        if trainer.get("enable_progress_bar") is None and not sys.stdout.isatty():
+            trainer.enable_progress_bar = False  # a redrawn bar is noise in a file: StepProgress prints lines
         if trainer.logger is None or trainer.logger is True:
             trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
                                        init_args=Namespace(save_dir=str(root)))

@@ -4,8 +4,11 @@
         --trainer.default_root_dir runs/mllm/toy_dino]
     unitower llava fit -c configs/mllm/toy_finetune.yaml --model.init_from runs/.../align.ckpt
     unitower llava validate -c configs/mllm/toy_finetune.yaml --ckpt_path last.ckpt
-    unitower llava evaluate --ckpt last.ckpt [--limit 500] [--out results.json]
-        (image size, padding, template and system prompt come from the checkpoint unless a flag sets them)
+    unitower llava evaluate --ckpt last.ckpt [--limit 500] [--out results.json|results.jsonl]
+        [--json test.json --image-folder img/] [--score rank] [--skip-missing]
+        (image size, padding, template and system prompt come from the checkpoint unless a flag sets them;
+        --out holds every question's prediction and score; a missing or corrupt image is an error naming the
+        record unless --skip-missing, which the report counts)
     unitower llava export --ckpt last.ckpt --out hf_llava/      (transformers LlavaForConditionalGeneration folder)
 
 `python -m mllm ...` is the same command.
@@ -74,7 +77,15 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_argument("--system-prompt", default=None, help="default: the checkpoint's")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--score", choices=("generate", "rank"), default="generate",
+                        help="generate: greedy answer, exact match; rank: the most likely candidate answer (the "
+                             "record's 'candidates'/'options', else every reference answer of the evaluation set)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="score without the questions whose image is missing or corrupt (counted in the report) "
+                             "instead of stopping with an error that names them")
+    parser.add_argument("--out", default=None,
+                        help="write the metrics and every question's prediction and score here (.json, or .jsonl: "
+                             "one question per line + <stem>.summary.json)")
     args = parser.parse_args(argv)
     from mllm.data import LlavaJsonSource
     from mllm.evaluate import evaluate_checkpoint
@@ -82,9 +93,12 @@ def evaluate_main(argv: list[str]) -> None:
     source = LlavaJsonSource(args.json, args.image_folder) if args.json else None  # None: toy held-out images
     result = evaluate_checkpoint(args.ckpt, source, args.limit, args.image_size, args.max_new_tokens, args.batch_size,
                                  system_prompt=args.system_prompt, out_json=args.out, pad_to_square=args.pad_to_square,
-                                 pad_color=args.pad_color, chat_template=args.chat_template, num_images=args.num_images)
-    result.pop("examples", None)
+                                 pad_color=args.pad_color, chat_template=args.chat_template, num_images=args.num_images,
+                                 score_mode=args.score, skip_missing=args.skip_missing)
+    questions = result.pop("questions")
     print(json.dumps(result, indent=2))
+    where = f" (every question's prediction and score: {args.out})" if args.out else ""
+    print(f"scored {len(questions)} questions, skipped {result['skipped']['count']}{where}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,9 @@
     unitower study [--smoke] [--config ...] ...      the baseline study (mllm/study/cli.py; also `python -m mllm.study`)
     unitower recipes                                 the shipped YAML recipes (mllm/recipes.py)
     unitower --debug COMMAND ...                     keep the Python traceback of an error (`--debug` may stand anywhere)
+    unitower --threads N COMMAND ...                 torch intra-op threads (torch.set_num_threads); before COMMAND.
+                                                     UNITOWER_THREADS=N does the same; the flag wins. Default: torch's
+                                                     (all cores), which on a shared machine can more than double a step
 
 Everything after the subcommand goes unchanged to that part's own command line, so `unitower distill fit --help`
 is `python -m distill fit --help`, with two exceptions that make `unitower` behave like a tool run from any folder:
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 DEBUG_FLAG = "--debug"
+THREADS_FLAG, THREADS_ENV = "--threads", "UNITOWER_THREADS"
 EXIT_USER_ERROR = 1
 # What a user can cause and fix from the message alone. The project's own checks raise these with a message that
 # names the thing and what to do (FileNotFoundError for paths, ValueError for config values); argparse.ArgumentError
@@ -56,7 +61,8 @@ def usage() -> str:
     lines = ["usage: unitower [--debug] COMMAND [ARGS ...]   (`unitower COMMAND --help` for a command's own options)",
              "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Config paths (e.g. configs/distill/toy.yaml) are read from the current folder first, then from the",
+    lines += ["", f"{THREADS_FLAG} N (before COMMAND) or {THREADS_ENV}=N: torch threads (torch.set_num_threads).",
+              "Config paths (e.g. configs/distill/toy.yaml) are read from the current folder first, then from the",
               f"shipped recipes (`unitower recipes`). Errors print one line; {DEBUG_FLAG} keeps the traceback."]
     return "\n".join(lines)
 
@@ -78,6 +84,23 @@ def with_shipped_recipes(argv: list[str]) -> list[str]:
     return out
 
 
+def take_threads(argv: list[str]) -> tuple[list[str], int | None]:
+    """(argv without a leading `--threads N` / `--threads=N`, N); N falls back to $UNITOWER_THREADS, else None."""
+    value, rest = os.environ.get(THREADS_ENV) or None, list(argv)
+    source = f"${THREADS_ENV}"
+    if rest and rest[0].startswith(THREADS_FLAG + "="):
+        value, rest, source = rest[0].split("=", 1)[1], rest[1:], THREADS_FLAG
+    elif rest and rest[0] == THREADS_FLAG:
+        if len(rest) < 2:
+            raise SystemExit(f"unitower: {THREADS_FLAG} needs a number of threads, e.g. `unitower {THREADS_FLAG} 4 llava fit ...`")
+        value, rest, source = rest[1], rest[2:], THREADS_FLAG
+    if value is None:
+        return rest, None
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"unitower: {source}={value!r} is not a number of threads >= 1; e.g. {THREADS_FLAG} 4.")
+    return rest, int(value)
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (whitespace runs, newlines included, become one space)."""
     text = " ".join(str(error).split())
@@ -90,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = DEBUG_FLAG in argv
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    argv, threads = take_threads(argv)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         if not argv:

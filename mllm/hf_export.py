@@ -8,6 +8,9 @@ What maps (transformers' Llava is CLIP-like vision model -> 2-layer MLP projecto
   patch_embedding, class_embedding, positional_embedding, ln_pre -> pre_layrnorm, resblocks -> encoder.layers with
   the fused in_proj split into q/k/v, GELU or QuickGELU kept). `layer` -> `vision_feature_layer` (hidden_states
   index), keep_cls -> `vision_feature_select_strategy` "full", else "default" (drops the CLS token).
+- tower: a StudentTower (the distilled student) with one prefix token -> Dinov2Model (mllm/hf_student.py: the
+  student's timm ViT block for block, its input conditioner in the processor, its position embedding at the
+  tower's grid, CPE window included; `layer` -> vision_feature_layer, summary token dropped unless keep_cls).
 - projector: "mlp2x_gelu" -> multi_modal_projector.linear_1 / act (gelu) / linear_2.
 - LM: the causal LM's base model -> model.language_model, lm_head -> lm_head; LoRA adapters are merged (in place).
 - processor: the tokenizer with `<image>` added (a new id past the LM's vocabulary: one zero embedding row, and
@@ -19,11 +22,18 @@ What maps (transformers' Llava is CLIP-like vision model -> 2-layer MLP projecto
   torchvision backend resizes slightly differently (max abs 0.015 after normalization on a resized toy image).
 - weights are written in float32 (the dtype transformers builds the model in).
 
-Refused with an ExportError that says why: ensemble towers (transformers' Llava has one vision model), student
-towers and timm towers (see _refuse_timm: Llava reads NCHW maps from TimmWrapper's hidden states, and
-TimmWrapperConfig has no hidden_size for its projector), a `grid` that
-resamples the token map, the final layer (layer -1 applies ln_post to patch tokens; CLIPVisionModel's hidden states
-are pre-norm), open_clip ViTs with layer scale / attention pooling / no ln_pre, other projectors.
+Refused with an ExportError that says why (exactly what remains unexportable):
+- ensemble towers and every fusion module (channel / sequence concatenation, per-encoder projectors,
+  resamplers, multi-layer merges): transformers' Llava runs exactly one vision model and hands its hidden states
+  to the projector unchanged, so several encoders and a fusion between them need model code of their own
+  (trust_remote_code), which this export does not write;
+- timm towers (see _refuse_timm: Llava reads NCHW maps from TimmWrapper's hidden states, and TimmWrapperConfig
+  has no hidden_size for its projector);
+- students with several prefix tokens (summary tokens + registers, as the toy and RADIO recipes distill), the
+  student's final layer, adaptor features (see mllm/hf_student.py for why);
+- a `grid` that resamples the token map, the final layer of an open_clip ViT (layer -1 applies ln_post to patch
+  tokens; CLIPVisionModel's hidden states are pre-norm), open_clip ViTs with layer scale / attention pooling / no
+  ln_pre, other projectors.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from torch import nn
 from distill.common.io import write_dir
 from distill.common.state_dicts import key_differences
 from mllm.conversation import IMAGE_PLACEHOLDER, LlavaTemplate, llava_template_jinja, resolve_chat_template
+from mllm.hf_student import ExportError, student_vision_export
 from mllm.model import LlavaModel
 from mllm.towers import EnsembleTower, SingleEncoderTower, StudentTower, VisionTower
 
@@ -56,10 +67,6 @@ _CONTENT_LIST_PRELUDE = (
     "{%- endif -%}{%- endfor -%}"
     "{%- set messages = _flat.messages -%}"
 )
-
-
-class ExportError(ValueError):
-    """The checkpoint holds something transformers' LlavaForConditionalGeneration cannot express without remote code."""
 
 
 def export_checkpoint(ckpt_path: str, out_dir: str, image_size: int | None = None) -> Path:
@@ -99,6 +106,13 @@ def export_model(
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    extra = sorted(name for name, _ in model.named_children() if name not in ("tower", "projector", "lm"))
+    if extra:
+        raise ExportError(
+            f"LlavaModel has modules {extra} between or beside tower, projector and LM (e.g. a fusion module); "
+            "transformers' Llava is vision model -> 2-layer MLP projector -> LM with nothing else, so these need model "
+            "code of their own (trust_remote_code), which this export does not write. Evaluate with `unitower llava "
+            "evaluate` or mllm/lmms_eval.py instead.")
     vision = vision_export(model.tower)
     projector = _projector_state(model.projector)
     lm = _merged_lm(model.lm)
@@ -161,12 +175,7 @@ def vision_export(tower: VisionTower) -> dict:
             "lmms-eval entry mllm/lmms_eval.py instead."
         )
     if isinstance(tower, StudentTower):
-        raise ExportError(
-            "StudentTower cannot be exported: the distilled student (register tokens, adaptor heads, its own input "
-            "conditioner) is no transformers architecture, and transformers' Llava reads NCHW maps from TimmWrapper "
-            "(see the timm refusal), so it needs custom model code (trust_remote_code), which this export does not "
-            "write. Use `python -m mllm evaluate` or the lmms-eval entry mllm/lmms_eval.py instead."
-        )
+        return student_vision_export(tower)
     if not isinstance(tower, SingleEncoderTower):
         raise ExportError(f"{type(tower).__name__} is not a tower this export knows; only SingleEncoderTower maps.")
     encoder = tower.encoder

@@ -4,12 +4,16 @@ For a question with candidate answers (EvalItem.options), every (question, candi
 exactly as a training record (`tokenize_conversation`: the same template, image tokens and end-of-turn
 token; each distinct pair once, as question texts repeat across images), and the candidate's score is the
 sum of the log-probabilities of its label tokens (the answer and the end-of-turn token the template trains
-on). All pairs are scored in batched forward passes (no generation), so a thousand images' questions take
+on). The vision tower and projector run once per question (its image's tokens are reused by every candidate
+row); the LM scores all pairs in batched forward passes (no generation), so a thousand images' questions take
 seconds on a toy LM.
 
     predictions = rank_answers(model, tokenizer, items, chat_template=None, image_size=64)
+    predictions, scores = rank_answers(..., return_scores=True)      # + each item's candidate log-likelihoods
 
-Items whose image is a PIL image are preprocessed like training images (`image_size`); cached visual
+Rows are padded as the tokenizer says (`tokenizer.padding_side`, `tokenizer.pad_token_id`: the checkpoint's LM
+folder); position ids follow the attention mask, so left and right padding score alike. Items whose image is a
+PIL image are preprocessed like training images (`image_size`, `pad_to_square`, `pad_color`); cached visual
 tokens (ToySource with `features`) are used as they are.
 """
 
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mllm.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_conversation
+from mllm.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, tokenize_conversation
 from mllm.data.base import EvalItem
 from mllm.data.encode import image_to_tensor
 from mllm.model import LlavaModel
@@ -31,50 +35,96 @@ def _pairs(item: EvalItem) -> list[list[dict]]:
     return [[{"from": "human", "value": question}, {"from": "gpt", "value": option}] for option in item.options]
 
 
+def _padding(tokenizer: Any) -> tuple[int, str]:
+    """(pad id, side) of the tokenizer; a tokenizer without a pad token is an error that says what to do."""
+    side = getattr(tokenizer, "padding_side", "right") or "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"rank_answers: tokenizer.padding_side={side!r}; use 'left' or 'right'.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("rank_answers: the tokenizer has no pad token; load it with mllm.loading.load_tokenizer "
+                         "(which sets pad = unk or eos, as LLaVA does) or set tokenizer.pad_token.")
+    return tokenizer.pad_token_id, side
+
+
 @torch.no_grad()
 def rank_answers(model: LlavaModel, tokenizer: Any, items: list[EvalItem], chat_template: str | None = None,
-                 system_prompt: str | None = None, batch_size: int = 256, image_size: int = 64) -> list[str]:
-    """The highest-likelihood option of each item (items without options are an error: use generation)."""
+                 system_prompt: str | None = None, batch_size: int = 256, image_size: int = 64,
+                 pad_to_square: bool = False, pad_color: list[int] | None = None,
+                 return_scores: bool = False) -> list[str] | tuple[list[str], list[list[float]]]:
+    """The highest-likelihood option of each item (items without options are an error: use generation).
+
+    batch_size: (question, candidate) rows per LM forward pass; the tower sees the questions of those rows once.
+    return_scores: also return every item's candidate log-likelihoods (in options order).
+    """
     missing = [i.question for i in items if not i.options]
     if missing:
         raise ValueError(f"rank_answers needs candidate answers (EvalItem.options); {len(missing)} questions have none, "
                          f"e.g. {missing[0]!r}. Score them by generation (mllm.generate) instead.")
+    pad_id, side = _padding(tokenizer)
     was_training = model.training
     model.eval()
     num_tokens = model.tower.num_tokens
     device = next(model.projector.parameters()).device
-    rows: list[tuple[int, list[int], list[int]]] = []  # (item index, input ids, labels)
     tokenized: dict[tuple[str, str], tuple[list[int], list[int]]] = {}  # question texts repeat across images
-    for index, item in enumerate(items):
-        for turns in _pairs(item):
-            pair = (turns[0]["value"], turns[1]["value"])
-            if pair not in tokenized:
-                tokenized[pair] = tokenize_conversation(turns, tokenizer, num_tokens, 10**6, num_images=1,
-                                                        chat_template=chat_template, system_prompt=system_prompt)
-            rows.append((index, *tokenized[pair]))
-    scores = torch.empty(len(rows))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        length = max(len(ids) for _, ids, _ in chunk)
-        input_ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, (_, ids, lab) in enumerate(chunk):
-            input_ids[row, :len(ids)], labels[row, :len(lab)], mask[row, :len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
-        images = torch.stack([_visual(items[index].load_image(), image_size) for index, _, _ in chunk]).to(device)
-        logits = model(input_ids.to(device), mask.to(device), images).logits.float()
-        shifted = labels[:, 1:].to(device)
-        logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, shifted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        scores[start:start + len(chunk)] = (logp * (shifted != IGNORE_INDEX)).sum(1).cpu()
+    scores: list[list[float]] = []
+    for chunk in _question_chunks(items, batch_size):
+        rows: list[tuple[int, list[int], list[int]]] = []  # (question in chunk, input ids, labels)
+        for local, item in enumerate(chunk):
+            for turns in _pairs(item):
+                pair = (turns[0]["value"], turns[1]["value"])
+                if pair not in tokenized:
+                    tokenized[pair] = tokenize_conversation(turns, tokenizer, num_tokens, 10**6, num_images=1,
+                                                            chat_template=chat_template, system_prompt=system_prompt)
+                rows.append((local, *tokenized[pair]))
+        images = torch.stack([_visual(item.load_image(), image_size, pad_to_square, pad_color) for item in chunk])
+        features = model.image_features(images.to(device))  # once per question, shared by its candidates
+        row_scores = _score_rows(model, rows, features, pad_id, side, device)
+        position = 0
+        for item in chunk:
+            scores.append(row_scores[position:position + len(item.options)])
+            position += len(item.options)
     model.train(was_training)
-    predictions, position = [], 0
+    predictions = [item.options[max(range(len(s)), key=s.__getitem__)] for item, s in zip(items, scores)]
+    return (predictions, scores) if return_scores else predictions
+
+
+def _question_chunks(items: list[EvalItem], batch_size: int) -> list[list[EvalItem]]:
+    """Consecutive items whose candidates add up to about batch_size rows (at least one item per chunk)."""
+    chunks, current, rows = [], [], 0
     for item in items:
-        count = len(item.options)
-        predictions.append(item.options[int(scores[position:position + count].argmax())])
-        position += count
-    return predictions
+        if current and rows + len(item.options) > batch_size:
+            chunks.append(current)
+            current, rows = [], 0
+        current.append(item)
+        rows += len(item.options)
+    return chunks + ([current] if current else [])
 
 
-def _visual(visual: Any, image_size: int) -> torch.Tensor:
+def _score_rows(model: LlavaModel, rows: list[tuple[int, list[int], list[int]]], features: torch.Tensor,
+                pad_id: int, side: str, device: torch.device) -> list[float]:
+    """Sum of label log-probabilities of each (question, candidate) row, with its question's visual tokens."""
+    length = max(len(ids) for _, ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, (_, ids, lab) in enumerate(rows):
+        span = slice(0, len(ids)) if side == "right" else slice(length - len(ids), length)
+        input_ids[row, span], labels[row, span], mask[row, span] = torch.tensor(ids), torch.tensor(lab), 1
+    input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
+    # the LlavaModel.embed splice, with the question's tokens computed once instead of once per row
+    image_mask = input_ids == IMAGE_TOKEN_ID
+    embeds = model.lm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+    per_row = features[torch.tensor([local for local, _, _ in rows], device=features.device)]
+    embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), per_row.to(embeds.dtype))
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: every row's text starts at position 0
+    logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).logits.float()
+    shifted = labels[:, 1:]
+    logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, shifted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (logp * (shifted != IGNORE_INDEX)).sum(1).cpu().tolist()
+
+
+def _visual(visual: Any, image_size: int, pad_to_square: bool = False, pad_color: list[int] | None = None) -> torch.Tensor:
     """Cached tokens as they are; a PIL image preprocessed as in training."""
-    return visual if isinstance(visual, torch.Tensor) else image_to_tensor(visual, image_size)
+    if isinstance(visual, torch.Tensor):
+        return visual
+    return image_to_tensor(visual, image_size, pad_to_square, pad_color)

@@ -205,3 +205,28 @@ def test_the_wheel_carries_the_recipes(tmp_path):
     names = zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist()
     shipped = sorted(n.removeprefix("mllm/") for n in names if n.startswith("mllm/configs/"))
     assert shipped == sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_flag_and_env_set_torch_threads(capsys, monkeypatch, restore_threads):
+    import torch
+
+    monkeypatch.delenv("UNITOWER_THREADS", raising=False)
+    torch.set_num_threads(1)
+    assert run(capsys, "--threads", "3", "recipes")[0] == 0 and torch.get_num_threads() == 3
+    monkeypatch.setenv("UNITOWER_THREADS", "2")
+    assert run(capsys, "recipes")[0] == 0 and torch.get_num_threads() == 2
+    assert run(capsys, "--threads=1", "recipes")[0] == 0 and torch.get_num_threads() == 1  # the flag wins
+    with pytest.raises(SystemExit, match=r"--threads='0' is not a number of threads >= 1"):
+        main(["--threads", "0", "recipes"])
+    monkeypatch.setenv("UNITOWER_THREADS", "many")
+    with pytest.raises(SystemExit, match=r"\$UNITOWER_THREADS='many'"):
+        main(["recipes"])

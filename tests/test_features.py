@@ -165,3 +165,40 @@ def test_rank_answers_tokenizes_each_question_and_option_once(tiny_llava, monkey
     assert rank_answers(model, tokenizer, items, batch_size=7) == expected
     pairs = {(f"<image>\n{i.question}", option) for i in items for option in i.options}
     assert len(calls) == len(set(calls)) == len(pairs) < sum(len(i.options) for i in items)
+
+
+def test_rank_answers_runs_the_tower_once_per_question(tiny_llava, monkeypatch):
+    model, tokenizer, path = tiny_llava
+    items = ToySource(seed=1000, num_images=3, stage="finetune", features=path, max_objects=1).eval_items()
+    seen = []
+    forward = model.tower.forward
+    monkeypatch.setattr(model.tower, "forward", lambda images: seen.append(len(images)) or forward(images))
+    rank_answers(model, tokenizer, items, batch_size=7)
+    assert sum(seen) == len(items) < sum(len(i.options) for i in items)  # not once per candidate
+
+
+def test_rank_answers_honours_the_tokenizers_padding_side_and_pad_token(tiny_llava, monkeypatch):
+    import copy
+
+    model, tokenizer, path = tiny_llava
+    items = ToySource(seed=1000, num_images=3, stage="finetune", features=path, max_objects=1).eval_items()
+    right, right_scores = rank_answers(model, tokenizer, items, batch_size=7, return_scores=True)
+    left_tokenizer = copy.deepcopy(tokenizer)
+    left_tokenizer.padding_side = "left"
+    left_tokenizer.pad_token = left_tokenizer.eos_token  # another pad id: masked out, so it must not matter
+    padded = []
+    lm_forward = model.lm.forward
+
+    def record(*args, **kwargs):
+        padded.append((kwargs["attention_mask"][:, 0] == 0).any().item())  # a row starting with padding
+        return lm_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.lm, "forward", record)
+    left, left_scores = rank_answers(model, left_tokenizer, items, batch_size=7, return_scores=True)
+    assert any(padded)  # rows really were left-padded
+    assert left == right
+    np.testing.assert_allclose(np.concatenate(left_scores), np.concatenate(right_scores), atol=1e-4)
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        rank_answers(model, no_pad, items[:1])

@@ -11,7 +11,7 @@ None for a bad record, which `collate` drops and counts. Sources (chosen in YAML
 Each source also gives `eval_items()`: single questions with reference answers and kinds for evaluation.
 """
 
-from mllm.data.base import ALIGN_PROMPT, DataSource, EvalItem, RecordDataset
+from mllm.data.base import ALIGN_PROMPT, DataSource, EvalItem, RecordDataset, UnusableImage
 from mllm.data.encode import SampleEncoder, collate, image_to_tensor
 from mllm.data.llava_json import LlavaJsonSource, check_record, load_llava_json
 from mllm.data.shards import WebDataSource
@@ -19,5 +19,5 @@ from mllm.data.toy import ToySource
 
 __all__ = [
     "ALIGN_PROMPT", "DataSource", "EvalItem", "LlavaJsonSource", "RecordDataset", "SampleEncoder", "ToySource",
-    "WebDataSource", "check_record", "collate", "image_to_tensor", "load_llava_json",
+    "UnusableImage", "WebDataSource", "check_record", "collate", "image_to_tensor", "load_llava_json",
 ]

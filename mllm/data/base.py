@@ -18,8 +18,8 @@ ALIGN_PROMPT = "describe the image briefly."
 @dataclass
 class EvalItem:
     """One evaluation question: `load_image()` gives the PIL image (None for text-only; cached visual
-    tokens [N, C] for a cached-features source); `image_id` groups the questions of one image (paired
-    bootstrap over images)."""
+    tokens [N, C] for a cached-features source; raises UnusableImage for a missing or corrupt image file);
+    `image_id` groups the questions of one image (paired bootstrap over images); `where` names the record."""
 
     question: str
     answer: str
@@ -27,6 +27,12 @@ class EvalItem:
     options: list[str] | None
     load_image: Callable[[], "Image.Image | torch.Tensor | None"]
     image_id: int | None = None
+    where: str = ""  # names the record in errors and reports: file, index, id, image path
+
+
+class UnusableImage(ValueError):
+    """An evaluation record's image is missing or cannot be decoded; the message names the record (file, index,
+    id, path). `python -m mllm evaluate` stops on it unless --skip-missing counts such records out."""
 
 
 def encode_or_skip(encode: Callable[[dict, Image.Image | None], dict | None], record: dict,

@@ -19,14 +19,17 @@ from torch.utils.data import Dataset
 from distill.common.decode import decode_image
 from distill.common.skips import Skipped
 from mllm.conversation import IMAGE_PLACEHOLDER, count_placeholders
-from mllm.data.base import DataSource, EvalItem, RecordDataset
+from mllm.data.base import DataSource, EvalItem, RecordDataset, UnusableImage
 from mllm.data.encode import SampleEncoder
 
 
 def load_llava_json(json_path: str | Path, image_folder: str | Path | None,
-                    dropped: list[Skipped] | None = None) -> tuple[list[dict], Counter]:
+                    dropped: list[Skipped] | None = None,
+                    positions: list[tuple[int, bool]] | None = None) -> tuple[list[dict], Counter]:
     """Read LLaVA conversation JSON; bad records are skipped and counted (reason -> count), never silently used.
-    A Skipped marker per dropped record is appended to `dropped` when given."""
+    A Skipped marker per dropped record is appended to `dropped` when given; `positions` receives (index in the
+    file, image missing) for every kept record and every record dropped only because its image file is missing,
+    in file order (`LlavaJsonSource.eval_items` scores or reports each of them)."""
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"LLaVA JSON '{json_path}' does not exist.")
@@ -39,14 +42,17 @@ def load_llava_json(json_path: str | Path, image_folder: str | Path | None,
     records, skipped, examples = [], Counter(), []
     for index, record in enumerate(data):
         reason = check_record(record, image_folder)
+        kind, _, detail = (reason or "").partition(": ")
+        if positions is not None and (reason is None or kind == "missing image"):
+            positions.append((index, reason is not None))
         if reason is None:
             records.append(record)
             continue
-        kind, _, detail = reason.partition(": ")
         skipped[kind] += 1
         examples.append(f"{json_path} record {index}: {reason}")
         if dropped is not None:
-            dropped.append(Skipped(f"{json_path} record {index}", str(json_path), kind, detail))
+            record_id = f" (id {record['id']})" if isinstance(record, dict) and "id" in record else ""
+            dropped.append(Skipped(f"{json_path} record {index}{record_id}", str(json_path), kind, detail))
     if skipped:
         warnings.warn(f"{json_path}: skipped {sum(skipped.values())} of {len(data)} records {dict(skipped)}; "
                       f"first: {examples[:3]}")
@@ -83,7 +89,9 @@ class LlavaJsonSource(DataSource):
     def __init__(self, json_path: str, image_folder: str | None = None, kind_key: str = "question_type") -> None:
         self.json_path, self.image_folder, self.kind_key = json_path, image_folder, kind_key
         self.dropped: list[Skipped] = []
-        self.records, self.skipped = load_llava_json(json_path, image_folder, self.dropped)
+        self.positions: list[tuple[int, bool]] = []  # (index in the file, image missing), see load_llava_json
+        self.records, self.skipped = load_llava_json(json_path, image_folder, self.dropped, self.positions)
+        self._data: list | None = None  # the whole file, read again only when a record with a missing image is scored
 
     def load_report(self) -> tuple[int, list[Skipped]]:
         return len(self.records), list(self.dropped)
@@ -98,19 +106,32 @@ class LlavaJsonSource(DataSource):
     def dataset(self, encode: SampleEncoder) -> Dataset:
         return RecordDataset(self.records, self.load_image, encode, str(self.json_path))
 
-    def eval_image(self, record: dict) -> Image.Image | None:
-        """The record's image for evaluation; an unusable one is an error (every tower must see the same questions)."""
+    def eval_image(self, record: dict, where: str) -> Image.Image | None:
+        """The record's image for evaluation; a missing or corrupt one raises UnusableImage naming the record (every
+        tower must see the same questions: `python -m mllm evaluate --skip-missing` counts such records out)."""
         image = self.load_image(record)
         if isinstance(image, Skipped):
-            raise ValueError(f"evaluation {image.message}; repair or remove the record.")
+            raise UnusableImage(f"evaluation record {where}: {image.reason} ({image.detail})")
         return image
 
     def eval_items(self, limit: int | None = None) -> list[EvalItem]:
+        """The first `limit` questions in file order, records with a missing image file included (their
+        `load_image` raises UnusableImage); candidate answers come from a record's "candidates" or "options"."""
+        kept = iter(self.records)
         items = []
-        for record in self.records[:limit]:
+        for index, missing in self.positions[:limit]:
+            record = self._record(index) if missing else next(kept)
             turns = record["conversations"]
             question = str(turns[0]["value"]).replace(IMAGE_PLACEHOLDER, "").strip()
             answer = str(turns[1]["value"]) if len(turns) > 1 else ""
-            items.append(EvalItem(question, answer, str(record.get(self.kind_key, "all")), record.get("options"),
-                                  lambda r=record: self.eval_image(r)))
+            where = (f"{self.json_path} record {index} (id {record.get('id', '?')}) image "
+                     f"{Path(self.image_folder or '.') / str(record.get('image', ''))}")
+            items.append(EvalItem(question, answer, str(record.get(self.kind_key, "all")),
+                                  record.get("candidates", record.get("options")),
+                                  lambda r=record, w=where: self.eval_image(r, w), where=where))
         return items
+
+    def _record(self, index: int) -> dict:
+        if self._data is None:
+            self._data = json.loads(Path(self.json_path).read_text())
+        return self._data[index]
