@@ -137,3 +137,17 @@ def test_angle_balanced_summary_loss_option(tiny_teacher_files):
         summary_angle_balanced(out.adaptors["clip"].summary, target).item())
     with pytest.raises(ValueError, match="summary_loss must be one of"):
         module(tiny_teacher_files, summary_loss="angle")
+
+
+def test_init_from_keeps_loaded_mse_statistics_and_calibrates_only_new_heads(tiny_teacher_files, tmp_path):
+    torch.manual_seed(0)
+    src = module(tiny_teacher_files, dense_loss="mse")
+    src.calibrate([torch.rand(4, 3, 32, 32)])
+    export = src.student.export(tmp_path / "mse", with_adaptors=True)
+    grown = module(tiny_teacher_files, names=("clip", "dino", "sam"), dense_loss="mse", init_from=str(export))
+    assert grown.student.heads["clip"].norm.fitted and not grown.student.heads["sam"].norm.fitted
+    grown.calibrate([torch.rand(4, 3, 32, 32)])  # other images: loaded statistics must not move
+    for name in ("clip", "dino"):
+        for key, value in src.student.heads[name].norm.state_dict().items():
+            assert torch.equal(grown.student.heads[name].norm.state_dict()[key], value), (name, key)
+    assert grown.student.heads["sam"].norm.fitted
