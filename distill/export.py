@@ -24,7 +24,7 @@ from pathlib import Path
 
 from distill.common.io import load_checkpoint as read_checkpoint
 from distill.model import StudentModel
-from distill.module import upgrade_state_dict
+from distill.state_layout import upgrade_state_dict
 
 
 def load_checkpoint(ckpt: str | Path) -> dict:

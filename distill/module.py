@@ -20,16 +20,19 @@ from lightning.pytorch.cli import OptimizerCallable
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from distill import losses
+from distill import losses, losses_radio4
 from distill.encoders.base import EncoderOutput
 from distill.encoders.resize import resize
 from distill.feature_norm import NORMALIZERS
+from distill.grow import init_student_from
 from distill.model import StudentModel
+from distill.state_layout import upgrade_state_dict  # noqa: F401  (also imported from here)
 from distill.common.schedule import warmup_cosine
 from distill.teacher import Teacher
 
 DENSE_LOSSES = ("cosine_smooth_l1", "mse")
 LOSS_BALANCES = ("fixed", "normalized")
+SUMMARY_LOSSES = ("cosine", "angle_balanced")
 
 
 class DistillModule(L.LightningModule):
@@ -76,6 +79,20 @@ class DistillModule(L.LightningModule):
             (bicubic, antialiased) to S x S, in training (unless ``student_resolutions`` draws a size) and in
             validation. Each teacher resizes the crop to its own input, so a high-resolution teacher sees real
             detail instead of the student's crop upsampled (AM-RADIO gives SAM its native 1024 px input).
+        summary_loss: ``cosine`` (mean 1 - cos) or ``angle_balanced`` (C-RADIOv4: (angle / the teacher's angular
+            spread on the batch)^2, so a teacher with tightly clustered summaries is not under-weighted;
+            distill/losses_radio4.py).
+        shift_equivariant: C-RADIOv4's shift-equivariant dense loss (Sec. 2.3; distill/losses_radio4.py): in
+            training the student and each teacher see the crop translated independently by whole student
+            patches (zero fill), and the dense loss is computed on the cells both views saw, aligned, so the
+            student cannot learn a teacher's fixed-pattern noise. With a teacher cache the cached targets are of
+            the unshifted crop: only the student's view is shifted. Validation is never shifted.
+        shift_std: the shifts' std in student patches: round(N(0, shift_std)) per axis and view (C-RADIOv4: 0.5);
+            drawn from the global step alone, so a resumed run draws the same ones.
+        init_from: None (default), or an export folder (``distill export --with-adaptors``) or a ``distill fit``
+            checkpoint to grow: its backbone and the heads of teachers it has are loaded into this student
+            (configs must match; distill/grow.py), heads of new teachers start fresh, and training covers all
+            teachers. A resumed run (``--ckpt_path``) then loads its own checkpoint over it.
     """
 
     def __init__(
@@ -99,6 +116,10 @@ class DistillModule(L.LightningModule):
         resolution_seed: int = 0,
         val_resolutions: list[int] | None = None,
         student_size: int | None = None,
+        summary_loss: str = "cosine",
+        shift_equivariant: bool = False,
+        shift_std: float = 0.5,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teachers", "optimizer"])
@@ -125,6 +146,10 @@ class DistillModule(L.LightningModule):
                         f"{key}: {size} is not a positive multiple of the student's patch size "
                         f"{student.patch_size}; use sizes such as {[student.patch_size * k for k in (4, 6, 8)]}."
                     )
+        if summary_loss not in SUMMARY_LOSSES:
+            raise ValueError(f"summary_loss must be one of {SUMMARY_LOSSES}, got {summary_loss!r}")
+        if shift_std < 0:
+            raise ValueError(f"shift_std must be >= 0 (student patches), got {shift_std}")
         if student_resolutions is not None and not student_resolutions:
             raise ValueError("student_resolutions is an empty list; leave it unset (null) for a single resolution.")
         for t in teachers:
@@ -143,6 +168,7 @@ class DistillModule(L.LightningModule):
             student.add_adaptor(
                 t.name, t.encoder.summary_dim, t.encoder.dense_dim, adaptor_hidden_dim, adaptor_layers, normalizer
             )
+        self.grown = init_student_from(student, init_from) if init_from is not None else None
         self.dense_loss = dense_loss
         self.optimizer_factory = optimizer
         if loss_balance == "normalized":  # running mean of every loss part [teacher, (summary, dense)]; 0 = unset
@@ -212,11 +238,19 @@ class DistillModule(L.LightningModule):
         used instead of running the teachers."""
         names = self.active_teachers(stage)
         size = self.student_resolution(self.global_step) if stage == "train" else None
-        out = self.student(self.student_input(images, size or self.hparams.get("student_size")), adaptors=names)
-        if cached is not None:  # teacher cache (distill/cache): the targets came with the batch
-            targets = {n: EncoderOutput(summary=cached[n].get("summary"), dense=cached[n]["dense"]) for n in names}
+        student_size = size or self.hparams.get("student_size")
+        shifts = self.view_shifts(images, student_size, names, cached) if stage == "train" else None
+        student_view = images if shifts is None else losses_radio4.translate(images, *shifts["pixels"]["student"])
+        out = self.student(self.student_input(student_view, student_size), adaptors=names)
+        # teacher cache (distill/cache): the cached teachers' targets came with the batch; others run here
+        from_cache = [n for n in names if cached is not None and n in cached]
+        targets = {n: EncoderOutput(summary=cached[n].get("summary"), dense=cached[n]["dense"]) for n in from_cache}
+        online = [n for n in names if n not in from_cache]
+        if shifts is None:
+            targets.update(self.teacher_targets(images, online))
         else:
-            targets = self.teacher_targets(images, names)
+            targets.update({t.name: t.targets(losses_radio4.translate(images, *shifts["pixels"][t.name]))
+                            for t in self.teachers if t.name in online})
         total = images.new_zeros(())
         for index, teacher in enumerate(self.teachers):
             if teacher.name not in targets:
@@ -226,9 +260,13 @@ class DistillModule(L.LightningModule):
             pred_dense = losses.resize_to_grid(pred_dense, target.dense.shape[-2:])
             logs = {}
             if teacher.has_summary:
-                logs["summary_loss"] = losses.summary_cosine(pred_summary, target.summary)
+                logs["summary_loss"] = self._summary_loss(pred_summary, target.summary)
                 total = total + teacher.summary_weight * self.balanced(index, 0, logs["summary_loss"], stage)
-            logs["dense_loss"] = self._dense_loss(teacher.name, pred_dense, target.dense, stage)
+            target_dense = target.dense
+            if shifts is not None:  # the cells both views saw, aligned (C-RADIOv4 shift equivariance)
+                pred_dense, target_dense = losses_radio4.aligned_overlap(
+                    pred_dense, target_dense, *self.cell_shifts(shifts, teacher.name, images, target_dense))
+            logs["dense_loss"] = self._dense_loss(teacher.name, pred_dense, target_dense, stage)
             total = total + teacher.dense_weight * self.balanced(index, 1, logs["dense_loss"], stage)
             if stage == "val":
                 if teacher.has_summary:
@@ -256,6 +294,45 @@ class DistillModule(L.LightningModule):
             for key, value in logs.items():
                 self.log(f"val/{teacher.name}/{key}@{size}", value, batch_size=len(images), sync_dist=True)
 
+    def view_shifts(self, images: torch.Tensor, student_size: int | None, names: list[str], cached: dict | None) -> dict | None:
+        """shift_equivariant only: {"pixels": {"student" | teacher: (dy, dx)}} translations of the crop for this
+        training step, whole student patches (in crop pixels) drawn from the global step; cached teachers: (0, 0)."""
+        if not self.hparams.get("shift_equivariant", False):
+            return None
+        crop = images.shape[-1]
+        grid = (student_size or crop) // self.student.patch_size
+        if crop % grid:
+            raise ValueError(f"shift_equivariant: the crop ({crop} px) is not a whole number of student patches "
+                             f"({grid} patches across); use a crop size divisible by {grid} or turn the option off.")
+        stride = crop // grid  # one student patch in crop pixels
+        generator = torch.Generator().manual_seed(7_919 * 1_000_003 + self.global_step)
+        std = self.hparams.get("shift_std", 0.5)
+        pixels = {"student": tuple(stride * k for k in losses_radio4.draw_shift(generator, std))}
+        for t in self.teachers:  # every teacher draws, used or not: the draws do not depend on dropping
+            shift = tuple(stride * k for k in losses_radio4.draw_shift(generator, std))
+            pixels[t.name] = (0, 0) if cached is not None and t.name in cached else shift
+        return {"pixels": pixels}
+
+    @staticmethod
+    def cell_shifts(shifts: dict, name: str, images: torch.Tensor, target_dense: torch.Tensor) -> tuple[tuple, tuple]:
+        """The student's and teacher `name`'s pixel shifts in cells of the teacher's grid (ValueError if not whole)."""
+        crop, grid = images.shape[-1], target_dense.shape[-1]
+        cells = []
+        for who in ("student", name):
+            for px in shifts["pixels"][who]:
+                if (px * grid) % crop:
+                    raise ValueError(
+                        f"shift_equivariant: teacher {name!r} has a {grid}-cell grid on a {crop} px crop, so a shift "
+                        f"of {px} px (whole student patches) is not a whole number of its cells; use a student patch "
+                        f"grid that divides the teacher's, or turn shift_equivariant off.")
+            cells.append(tuple(px * grid // crop for px in shifts["pixels"][who]))
+        return cells[0], cells[1]
+
+    def _summary_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.hparams.get("summary_loss", "cosine") == "angle_balanced":
+            return losses_radio4.summary_angle_balanced(pred, target)
+        return losses.summary_cosine(pred, target)
+
     def _dense_loss(self, name: str, pred: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
         if self.dense_loss == "mse":
             norm = self.student.heads[name].norm  # not self.dense_norm: that builds a ModuleDict per call
@@ -279,17 +356,23 @@ class DistillModule(L.LightningModule):
         attached, the statistics are summed over all ranks first so every rank fits identical values."""
         if not self.dense_norm:
             return  # cosine_smooth_l1 has nothing to calibrate
-        norms = self.dense_norm
+        norms = nn.ModuleDict({n: norm for n, norm in self.dense_norm.items() if not norm.fitted})  # init_from keeps its own
+        if not norms:
+            return
         sums = {name: None for name in norms}
         for images in batches:
             images = images.to(self.device)
             if images.numel() == 0:
                 continue
-            targets = self.teacher_targets(images)
+            targets = self.teacher_targets(images, list(norms))
             for teacher in self.teachers:
+                if teacher.name not in norms:
+                    continue
                 batch_sums = norms[teacher.name].statistics(targets[teacher.name].dense)
                 sums[teacher.name] = batch_sums if sums[teacher.name] is None else sums[teacher.name] + batch_sums
         for teacher in self.teachers:
+            if teacher.name not in norms:
+                continue
             norm, total = norms[teacher.name], sums[teacher.name]
             if total is None:  # no images here: still join the reduce so other ranks do not wait forever
                 total = norm.statistics(torch.zeros(1, teacher.encoder.dense_dim, 1, 1, device=self.device)) * 0
@@ -360,21 +443,6 @@ class DistillModule(L.LightningModule):
         for key, value in self.teachers.state_dict().items():
             checkpoint["state_dict"].setdefault(f"teachers.{key}", value)
         upgrade_state_dict(checkpoint["state_dict"])
-
-
-def upgrade_state_dict(state: dict) -> dict:
-    """Bring an older DistillModule state dict (in place) to the current layout: heads moved from 'heads.<t>.*'
-    to 'student.heads.<t>.*', normalizers from 'dense_norm.<t>.*' to 'student.heads.<t>.norm.*'; the running
-    EMA statistics of even older checkpoints ('stats.*') are dropped (an mse run recalibrates)."""
-    for key in list(state):
-        if key.startswith("heads."):
-            state["student." + key] = state.pop(key)
-        elif key.startswith("dense_norm."):
-            teacher, rest = key.removeprefix("dense_norm.").split(".", 1)
-            state[f"student.heads.{teacher}.norm.{rest}"] = state.pop(key)
-        elif key.startswith("stats."):
-            del state[key]
-    return state
 
 
 def _check_full_view(teacher: Teacher) -> None:
