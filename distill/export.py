@@ -1,8 +1,9 @@
 """Export a trained student from a distillation checkpoint for other tools.
 
-    python -m distill export --ckpt runs/distill/toy/last.ckpt --out exports/toy [--with-adaptors] [--onnx]
+    python -m distill export --ckpt runs/distill/toy/last.ckpt --out exports/toy [--with-adaptors] [--onnx] [--no-ema]
 
-The checkpoint's `student.*` weights are loaded into distill.model.StudentModel, which writes itself
+The checkpoint's student weights (its EMA, `ema.student.module.*`, when the run kept one with `model.ema_decay`
+and it has been updated; the trained `student.*` weights with --no-ema or without an EMA) are loaded into distill.model.StudentModel, which writes itself
 (`StudentModel.export`): the backbone with timm's own `save_for_hf` (config.json + model.safetensors), so any of
 
     timm.create_model("local-dir:exports/toy", pretrained=True)
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from distill.common.io import load_checkpoint as read_checkpoint
 from distill.model import StudentModel
 from distill.module import upgrade_state_dict
@@ -40,8 +43,9 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     return checkpoint
 
 
-def student_from_checkpoint(ckpt: str | Path) -> tuple[StudentModel, dict]:
-    """The trained StudentModel (backbone + every adaptor head) of a DistillModule checkpoint, and its metadata."""
+def student_from_checkpoint(ckpt: str | Path, ema: bool = True) -> tuple[StudentModel, dict]:
+    """The trained StudentModel (backbone + every adaptor head) of a DistillModule checkpoint, and its metadata;
+    with `ema` its EMA weights when the checkpoint has an updated EMA (metadata["weights"] says which: ema / raw)."""
     checkpoint = load_checkpoint(ckpt)
     meta, state = checkpoint["unitower"], upgrade_state_dict(dict(checkpoint["state_dict"]))
     if not any(k.startswith("student.model.") for k in state):
@@ -51,21 +55,29 @@ def student_from_checkpoint(ckpt: str | Path) -> tuple[StudentModel, dict]:
         args = {k: v for k, v in head.items() if k != "student_dim"}
         args.setdefault("normalizer", meta.get("dense_norm"))  # checkpoints from before the heads owned it
         model.add_adaptor(name, **args)
-    model.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+    prefix = "student."
+    if ema and state.get("ema.student.n_averaged", torch.zeros(())).item() > 0:
+        prefix = "ema.student.module."
+    model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    meta = {**meta, "weights": "ema" if prefix.startswith("ema.") else "raw"}
     if meta["dense_loss"] == "mse" and not all(head.norm.fitted for head in model.heads.values()):
         raise ValueError(f"{ckpt}: dense_loss=mse but the checkpoint holds no fitted dense normalizer statistics.")
     return model, meta
 
 
-def export_student(ckpt: str | Path, out: str | Path, with_adaptors: bool = False, onnx: bool = False) -> Path:
+def export_student(ckpt: str | Path, out: str | Path, with_adaptors: bool = False, onnx: bool = False,
+                   ema: bool = True) -> Path:
     """Write the student backbone (and optionally the adaptor heads) from `ckpt` into folder `out`; with `onnx`
-    also out/student.onnx (with the heads' outputs when `with_adaptors`; see distill/onnx_export.py)."""
+    also out/student.onnx (with the heads' outputs when `with_adaptors`; see distill/onnx_export.py); with `ema`
+    (default) the EMA weights when the checkpoint has them, else the trained weights (config.json["unitower"]
+    ["weights"] says which)."""
     if onnx:
         from distill.onnx_export import check_onnx_packages
 
         check_onnx_packages()  # before any work: a missing extra is reported at once
-    model, meta = student_from_checkpoint(ckpt)
-    extra = {"teachers": meta["teachers"], "dense_loss": meta["dense_loss"], "dense_norm": meta.get("dense_norm")}
+    model, meta = student_from_checkpoint(ckpt, ema=ema)
+    extra = {"teachers": meta["teachers"], "dense_loss": meta["dense_loss"], "dense_norm": meta.get("dense_norm"),
+             "weights": meta["weights"]}
     folder = model.export(out, with_adaptors=with_adaptors, extra=extra)
     if onnx:
         from distill.onnx_export import ONNX_FILE, export_onnx

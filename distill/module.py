@@ -10,6 +10,9 @@ With `dense_loss: mse` the teachers' dense features are standardized by fixed pe
 With `student_resolutions` each training step resizes the student's input to one resolution of the set
 (RADIOv2.5-style multi-resolution training; the teachers still see the crop at their own resolution) and
 validation also reports the cosines at each of them (`val/<teacher>/dense_cos@<size>`).
+With `ema_decay` the module keeps an exponential moving average of the student (backbone + heads; torch's
+`AveragedModel` + `get_ema_multi_avg_fn`, updated after every optimizer step, kept in the checkpoint under
+`ema.student.*`); validation and the in-training benchmarks score it (`student_for`), `distill export` writes it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distill import losses
 from distill.encoders.base import EncoderOutput
@@ -76,6 +80,12 @@ class DistillModule(L.LightningModule):
             (bicubic, antialiased) to S x S, in training (unless ``student_resolutions`` draws a size) and in
             validation. Each teacher resizes the crop to its own input, so a high-resolution teacher sees real
             detail instead of the student's crop upsampled (AM-RADIO gives SAM its native 1024 px input).
+        ema_decay: None (default): no EMA. A decay d in (0, 1) (C-RADIOv4: 0.9996): keep an exponential moving
+            average of the student's weights (backbone and adaptor heads; buffers such as the mse statistics are
+            copied, not averaged), updated after every optimizer step: e_1 = w_1, e_k = d e_{k-1} + (1 - d) w_k.
+            Validation and the in-training benchmarks use it (the trained weights until the first update), the
+            checkpoint keeps it (exact resume) and `distill export` writes it unless given --no-ema. Training itself
+            is unchanged. Roughly the last 1 / (1 - d) steps count: pick d so that this is well below max_steps.
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class DistillModule(L.LightningModule):
         resolution_seed: int = 0,
         val_resolutions: list[int] | None = None,
         student_size: int | None = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teachers", "optimizer"])
@@ -125,6 +136,8 @@ class DistillModule(L.LightningModule):
                         f"{key}: {size} is not a positive multiple of the student's patch size "
                         f"{student.patch_size}; use sizes such as {[student.patch_size * k for k in (4, 6, 8)]}."
                     )
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.9996) or null for no EMA, got {ema_decay}")
         if student_resolutions is not None and not student_resolutions:
             raise ValueError("student_resolutions is an empty list; leave it unset (null) for a single resolution.")
         for t in teachers:
@@ -145,6 +158,8 @@ class DistillModule(L.LightningModule):
             )
         self.dense_loss = dense_loss
         self.optimizer_factory = optimizer
+        # {student name: its EMA}; made after the heads exist so the average covers them
+        self.ema = nn.ModuleDict({"student": make_ema(student, ema_decay)} if ema_decay is not None else {})
         if loss_balance == "normalized":  # running mean of every loss part [teacher, (summary, dense)]; 0 = unset
             self.register_buffer("loss_mean", torch.zeros(len(teachers), 2, dtype=torch.float64))
 
@@ -152,6 +167,23 @@ class DistillModule(L.LightningModule):
     def dense_norm(self) -> nn.ModuleDict:
         """{teacher: fixed dense normalizer} with dense_loss=mse, else empty (a view: the heads own them)."""
         return nn.ModuleDict({name: head.norm for name, head in self.student.heads.items() if head.norm is not None})
+
+    def student_for(self, stage: str) -> StudentModel:
+        """The student that `stage` runs: in training the trained weights; otherwise (validation, benchmarks) the
+        EMA once it has been updated, else the trained weights."""
+        ema = self.ema["student"] if "student" in self.ema else None
+        if stage == "train" or ema is None or ema.n_averaged.item() == 0:
+            return self.student
+        return ema.module
+
+    def update_ema(self) -> None:
+        """One EMA update from the current weights (the first copies them)."""
+        if "student" in self.ema:
+            self.ema["student"].update_parameters(self.student)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()  # after every optimizer step (also with gradient accumulation)
 
     def teacher_targets(self, images: torch.Tensor, names: list[str] | None = None) -> dict[str, EncoderOutput]:
         """{teacher name: its features (summary, dense) of `images` in [0, 1]}: the distillation targets
@@ -212,7 +244,7 @@ class DistillModule(L.LightningModule):
         used instead of running the teachers."""
         names = self.active_teachers(stage)
         size = self.student_resolution(self.global_step) if stage == "train" else None
-        out = self.student(self.student_input(images, size or self.hparams.get("student_size")), adaptors=names)
+        out = self.student_for(stage)(self.student_input(images, size or self.hparams.get("student_size")), adaptors=names)
         if cached is not None:  # teacher cache (distill/cache): the targets came with the batch
             targets = {n: EncoderOutput(summary=cached[n].get("summary"), dense=cached[n]["dense"]) for n in names}
         else:
@@ -245,7 +277,7 @@ class DistillModule(L.LightningModule):
     def log_cosines(self, images: torch.Tensor, targets: dict[str, EncoderOutput], size: int) -> None:
         """Validation cosines of the student at input size `size` against the teachers' `targets` of `images`:
         `val/<teacher>/summary_cos@<size>` and `val/<teacher>/dense_cos@<size>`."""
-        out = self.student(self.student_input(images, size))
+        out = self.student_for("val")(self.student_input(images, size))
         for teacher in self.teachers:
             target, pred = targets[teacher.name], out.adaptors[teacher.name]
             logs = {}
@@ -360,6 +392,23 @@ class DistillModule(L.LightningModule):
         for key, value in self.teachers.state_dict().items():
             checkpoint["state_dict"].setdefault(f"teachers.{key}", value)
         upgrade_state_dict(checkpoint["state_dict"])
+        match_ema_keys(checkpoint["state_dict"], self.ema)
+
+
+def make_ema(student: StudentModel, decay: float) -> AveragedModel:
+    """An EMA of `student` (a frozen copy, never trained); its buffers follow the student's on every update."""
+    ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    return ema.requires_grad_(False)
+
+
+def match_ema_keys(state: dict, ema: nn.ModuleDict) -> None:
+    """Fit a checkpoint's EMA entries (in place) to the module's EMA: a checkpoint without them starts the EMA
+    afresh (n_averaged 0: the next update copies the weights); EMA entries of a module without EMA are dropped."""
+    for key in [k for k in state if k.startswith("ema.") and k.split(".")[1] not in ema]:
+        del state[key]
+    for key, value in ema.state_dict().items():
+        if f"ema.{key}" not in state:
+            state[f"ema.{key}"] = torch.zeros_like(value) if key.endswith("n_averaged") else value
 
 
 def upgrade_state_dict(state: dict) -> dict:
