@@ -2,7 +2,7 @@
 
     python -m distill fit -c configs/distill/toy.yaml            # train (add --ckpt_path X.ckpt to resume)
     python -m distill validate -c configs/distill/toy.yaml --ckpt_path X.ckpt
-    python -m distill export --ckpt X.ckpt --out DIR [--with-adaptors] [--onnx]   # --onnx: also DIR/student.onnx
+    python -m distill export --ckpt X.ckpt --out DIR [--with-adaptors] [--onnx] [--no-ema] [--student NAME | --all-students]
     python -m distill cache -c configs/distill/toy.yaml --out DIR --images N   # teacher-feature cache
 
 fit/validate are LightningCLI subcommands: every constructor argument of DistillModule,
@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Literal, Union
 
 from jsonargparse import Namespace
@@ -138,11 +139,31 @@ def export_cli(args: list[str]) -> None:
     parser.add_argument("--onnx", action="store_true",
                         help="also write OUT/student.onnx (images [B,3,H,W] in [0,1], dynamic batch and size; with "
                              "--with-adaptors the heads' outputs too); needs pip install 'unitower[onnx]'")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="write the trained weights even when the run kept an EMA (model.ema_decay); by default "
+                             "the EMA is written when the checkpoint has one")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--student", default="student",
+                       help="multi-student runs (model.students): the student to write, by name (default: model.student)")
+    which.add_argument("--all-students", action="store_true", help="write every student into OUT/<name>/")
     opts = parser.parse_args(args)
-    out = export_student(opts.ckpt, opts.out, with_adaptors=opts.with_adaptors, onnx=opts.onnx)
-    print(f"exported student to {out}; load with timm.create_model('local-dir:{out}', pretrained=True)")
-    if opts.onnx:
-        report_onnx(out, opts.with_adaptors)
+    from distill.export import student_names
+
+    names = student_names(opts.ckpt) if opts.all_students else [opts.student]
+    for name in names:
+        out = Path(opts.out) / name if opts.all_students else Path(opts.out)
+        out = export_student(opts.ckpt, out, with_adaptors=opts.with_adaptors, onnx=opts.onnx, ema=not opts.no_ema,
+                             student=name)
+        print(f"exported {name} ({_weights_of(out)} weights) to {out}; load with "
+              f"timm.create_model('local-dir:{out}', pretrained=True)")
+        if opts.onnx:
+            report_onnx(out, opts.with_adaptors)
+
+
+def _weights_of(out) -> str:
+    import json
+
+    return json.loads((Path(out) / "config.json").read_text())["unitower"].get("weights", "raw")
 
 
 def report_onnx(out: str, with_adaptors: bool) -> None:

@@ -10,6 +10,11 @@ With `dense_loss: mse` the teachers' dense features are standardized by fixed pe
 With `student_resolutions` each training step resizes the student's input to one resolution of the set
 (RADIOv2.5-style multi-resolution training; the teachers still see the crop at their own resolution) and
 validation also reports the cosines at each of them (`val/<teacher>/dense_cos@<size>`).
+With `ema_decay` the module keeps an exponential moving average of the student (backbone + heads; torch's
+`AveragedModel` + `get_ema_multi_avg_fn`, updated after every optimizer step, kept in the checkpoint under
+`ema.student.*`); validation and the in-training benchmarks score it (`student_for`), `distill export` writes it.
+With `students` (distill/students.py) more students learn from the same teacher pass: one teacher forward (or
+cached batch) per batch, each student with its own heads, optimizer groups, EMA and export.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distill import losses, losses_radio4
 from distill.encoders.base import EncoderOutput
@@ -28,6 +34,7 @@ from distill.grow import init_student_from
 from distill.model import StudentModel
 from distill.state_layout import upgrade_state_dict  # noqa: F401  (also imported from here)
 from distill.common.schedule import warmup_cosine
+from distill.students import StudentSpec
 from distill.teacher import Teacher
 
 DENSE_LOSSES = ("cosine_smooth_l1", "mse")
@@ -93,6 +100,16 @@ class DistillModule(L.LightningModule):
             checkpoint to grow: its backbone and the heads of teachers it has are loaded into this student
             (configs must match; distill/grow.py), heads of new teachers start fresh, and training covers all
             teachers. A resumed run (``--ckpt_path``) then loads its own checkpoint over it.
+        ema_decay: None (default): no EMA. A decay d in (0, 1) (C-RADIOv4: 0.9996): keep an exponential moving
+            average of the student's weights (backbone and adaptor heads; buffers such as the mse statistics are
+            copied, not averaged), updated after every optimizer step: e_1 = w_1, e_k = d e_{k-1} + (1 - d) w_k.
+            Validation and the in-training benchmarks use it (the trained weights until the first update), the
+            checkpoint keeps it (exact resume) and `distill export` writes it unless given --no-ema. Training itself
+            is unchanged. Roughly the last 1 / (1 - d) steps count: pick d so that this is well below max_steps.
+        students: more students (distill.students.StudentSpec: name, student, lr_scale, adaptor sizes) trained
+            next to ``student`` from the same teacher targets of every batch; each has its own adaptor heads,
+            optimizer parameter groups, EMA and export (``distill export --student NAME``). Their logs are
+            ``<stage>/<name>/<teacher>/<key>``; ``<stage>/loss`` sums all students. The benchmarks score ``student``.
     """
 
     def __init__(
@@ -120,9 +137,16 @@ class DistillModule(L.LightningModule):
         shift_equivariant: bool = False,
         shift_std: float = 0.5,
         init_from: str | None = None,
+        ema_decay: float | None = None,
+        students: list[StudentSpec] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teachers", "optimizer"])
+        self.save_hyperparameters(ignore=["student", "teachers", "optimizer", "students"])
+        extra = list(students or [])
+        extra_names = [spec.name for spec in extra]
+        if len(set(extra_names)) != len(extra_names) or set(extra_names) & {t.name for t in teachers}:
+            raise ValueError(f"model.students: names {extra_names} must be unique and differ from the teachers' names "
+                             f"{[t.name for t in teachers]}.")
         if dense_loss not in DENSE_LOSSES:
             raise ValueError(f"dense_loss must be one of {DENSE_LOSSES}, got {dense_loss!r}")
         names = [t.name for t in teachers]
@@ -140,26 +164,29 @@ class DistillModule(L.LightningModule):
             raise ValueError(f"loss_balance_momentum must be in [0, 1), got {loss_balance_momentum}")
         for key, sizes in (("student_resolutions", student_resolutions), ("val_resolutions", val_resolutions),
                            ("student_size", None if student_size is None else [student_size])):
-            for size in sizes or []:
-                if size <= 0 or size % student.patch_size:
+            for size, model in ((size, model) for size in sizes or [] for model in [student] + [s.student for s in extra]):
+                if size <= 0 or size % model.patch_size:
                     raise ValueError(
                         f"{key}: {size} is not a positive multiple of the student's patch size "
-                        f"{student.patch_size}; use sizes such as {[student.patch_size * k for k in (4, 6, 8)]}."
+                        f"{model.patch_size}; use sizes such as {[model.patch_size * k for k in (4, 6, 8)]}."
                     )
         if summary_loss not in SUMMARY_LOSSES:
             raise ValueError(f"summary_loss must be one of {SUMMARY_LOSSES}, got {summary_loss!r}")
         if shift_std < 0:
             raise ValueError(f"shift_std must be >= 0 (student patches), got {shift_std}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.9996) or null for no EMA, got {ema_decay}")
         if student_resolutions is not None and not student_resolutions:
             raise ValueError("student_resolutions is an empty list; leave it unset (null) for a single resolution.")
         for t in teachers:
             _check_full_view(t)
         with_summary = [t.name for t in teachers if t.has_summary]
-        if student.summary_names != with_summary:
-            raise ValueError(
-                f"student.summary_names is {student.summary_names} but the teachers with a summary are {with_summary}; "
-                f"set model.student.init_args.summary_names: {with_summary}"
-            )
+        for key, model in [("student", student)] + [(f"students[{s.name}].student", s.student) for s in extra]:
+            if model.summary_names != with_summary:
+                raise ValueError(
+                    f"{key}.summary_names is {model.summary_names} but the teachers with a summary are {with_summary}; "
+                    f"set model.{key}.init_args.summary_names: {with_summary}"
+                )
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         # mse only: each head owns the fixed normalizer of its dense targets (fitted by `calibrate`)
@@ -171,13 +198,45 @@ class DistillModule(L.LightningModule):
         self.grown = init_student_from(student, init_from) if init_from is not None else None
         self.dense_loss = dense_loss
         self.optimizer_factory = optimizer
-        if loss_balance == "normalized":  # running mean of every loss part [teacher, (summary, dense)]; 0 = unset
-            self.register_buffer("loss_mean", torch.zeros(len(teachers), 2, dtype=torch.float64))
+        self.students = nn.ModuleDict({spec.name: spec.student for spec in extra})  # model.student is not in here
+        self.lr_scales = {spec.name: spec.lr_scale for spec in extra}
+        for spec in extra:
+            for t in teachers:
+                spec.student.add_adaptor(t.name, t.encoder.summary_dim, t.encoder.dense_dim,
+                                         spec.adaptor_hidden_dim or adaptor_hidden_dim, spec.adaptor_layers or adaptor_layers,
+                                         normalizer)
+        # {student name: its EMA}; made after the heads exist so the average covers them
+        self.ema = nn.ModuleDict({name: make_ema(model, ema_decay) for name, model in self.all_students().items()}
+                                 if ema_decay is not None else {})
+        if loss_balance == "normalized":  # running mean of every loss part [student x teacher, (summary, dense)]; 0 = unset
+            self.register_buffer("loss_mean", torch.zeros((1 + len(extra)) * len(teachers), 2, dtype=torch.float64))
 
     @property
     def dense_norm(self) -> nn.ModuleDict:
         """{teacher: fixed dense normalizer} with dense_loss=mse, else empty (a view: the heads own them)."""
         return nn.ModuleDict({name: head.norm for name, head in self.student.heads.items() if head.norm is not None})
+
+    def all_students(self) -> dict[str, StudentModel]:
+        """{name: student}: "student" (model.student) first, then model.students in order."""
+        return {"student": self.student, **self.students}
+
+    def student_for(self, stage: str, name: str = "student") -> StudentModel:
+        """The student `name` that `stage` runs: in training the trained weights; otherwise (validation,
+        benchmarks) its EMA once that has been updated, else the trained weights."""
+        ema = self.ema[name] if name in self.ema else None
+        if stage == "train" or ema is None or ema.n_averaged.item() == 0:
+            return self.all_students()[name]
+        return ema.module
+
+    def update_ema(self) -> None:
+        """One EMA update of every student from its current weights (the first copies them)."""
+        for name, model in self.all_students().items():
+            if name in self.ema:
+                self.ema[name].update_parameters(model)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()  # after every optimizer step (also with gradient accumulation)
 
     def teacher_targets(self, images: torch.Tensor, names: list[str] | None = None) -> dict[str, EncoderOutput]:
         """{teacher name: its features (summary, dense) of `images` in [0, 1]}: the distillation targets
@@ -233,15 +292,12 @@ class DistillModule(L.LightningModule):
         return resize(images, (size, size), "bicubic")
 
     def teacher_losses(self, images: torch.Tensor, stage: str, cached: dict | None = None) -> torch.Tensor:
-        """Total weighted loss over teachers; logs every part per teacher (and cosines on validation, also at
-        every `validation_resolutions()` size). `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache,
-        used instead of running the teachers."""
+        """Total weighted loss over students and teachers: the teachers' targets once, then `student_losses` of
+        every student. `cached`: {teacher: {"summary", "dense"}} targets from a teacher cache, used instead of
+        running the teachers."""
         names = self.active_teachers(stage)
         size = self.student_resolution(self.global_step) if stage == "train" else None
-        student_size = size or self.hparams.get("student_size")
-        shifts = self.view_shifts(images, student_size, names, cached) if stage == "train" else None
-        student_view = images if shifts is None else losses_radio4.translate(images, *shifts["pixels"]["student"])
-        out = self.student(self.student_input(student_view, student_size), adaptors=names)
+        shifts = self.view_shifts(images, size or self.hparams.get("student_size"), names, cached) if stage == "train" else None
         # teacher cache (distill/cache): the cached teachers' targets came with the batch; others run here
         from_cache = [n for n in names if cached is not None and n in cached]
         targets = {n: EncoderOutput(summary=cached[n].get("summary"), dense=cached[n]["dense"]) for n in from_cache}
@@ -252,7 +308,24 @@ class DistillModule(L.LightningModule):
             targets.update({t.name: t.targets(losses_radio4.translate(images, *shifts["pixels"][t.name]))
                             for t in self.teachers if t.name in online})
         total = images.new_zeros(())
-        for index, teacher in enumerate(self.teachers):
+        for position, name in enumerate(self.all_students()):
+            total = total + self.student_losses(images, targets, stage, name, position * len(self.teachers), shifts)
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=len(images), sync_dist=stage == "val")
+        return total
+
+    def student_losses(self, images: torch.Tensor, targets: dict[str, EncoderOutput], stage: str,
+                       name: str = "student", offset: int = 0, shifts: dict | None = None) -> torch.Tensor:
+        """Student `name`'s weighted loss against the teachers' `targets` (the teachers of this step); logs every
+        part per teacher (and cosines on validation, also at every `validation_resolutions()` size) under
+        `<stage>/` (model.student) or `<stage>/<name>/`. `offset`: its first row of `loss_mean`. `shifts`
+        (`view_shifts`, shift_equivariant only): every student sees the crop moved by the student shift."""
+        size = self.student_resolution(self.global_step) if stage == "train" else None
+        view = images if shifts is None else losses_radio4.translate(images, *shifts["pixels"]["student"])
+        student_input = self.student_input(view, size or self.hparams.get("student_size"))
+        out = self.student_for(stage, name)(student_input, adaptors=list(targets))
+        prefix = f"{stage}/" if name == "student" else f"{stage}/{name}/"
+        total = images.new_zeros(())
+        for index, teacher in enumerate(self.teachers, offset):
             if teacher.name not in targets:
                 continue  # dropped this step
             target = targets[teacher.name]
@@ -273,17 +346,20 @@ class DistillModule(L.LightningModule):
                     logs["summary_cos"] = losses.cosine_similarity(pred_summary, target.summary, dim=-1).mean()
                 logs["dense_cos"] = losses.cosine_similarity(self.to_teacher_space(teacher.name, pred_dense), target.dense).mean()
             for key, value in logs.items():
-                self.log(f"{stage}/{teacher.name}/{key}", value, batch_size=len(images), sync_dist=stage == "val")
-        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=len(images), sync_dist=stage == "val")
+                self.log(f"{prefix}{teacher.name}/{key}", value, batch_size=len(images), sync_dist=stage == "val")
+        if name != "student":
+            self.log(f"{prefix}loss", total, batch_size=len(images), sync_dist=stage == "val")
         if stage == "val":
             for size in self.validation_resolutions():
-                self.log_cosines(images, targets, size)
+                self.log_cosines(images, targets, size, name)
         return total
 
-    def log_cosines(self, images: torch.Tensor, targets: dict[str, EncoderOutput], size: int) -> None:
-        """Validation cosines of the student at input size `size` against the teachers' `targets` of `images`:
-        `val/<teacher>/summary_cos@<size>` and `val/<teacher>/dense_cos@<size>`."""
-        out = self.student(self.student_input(images, size))
+    def log_cosines(self, images: torch.Tensor, targets: dict[str, EncoderOutput], size: int,
+                    name: str = "student") -> None:
+        """Validation cosines of student `name` at input size `size` against the teachers' `targets` of `images`:
+        `val/[<name>/]<teacher>/summary_cos@<size>` and `val/[<name>/]<teacher>/dense_cos@<size>`."""
+        prefix = "val/" if name == "student" else f"val/{name}/"
+        out = self.student_for("val", name)(self.student_input(images, size))
         for teacher in self.teachers:
             target, pred = targets[teacher.name], out.adaptors[teacher.name]
             logs = {}
@@ -292,7 +368,7 @@ class DistillModule(L.LightningModule):
             dense = self.to_teacher_space(teacher.name, losses.resize_to_grid(pred.dense, target.dense.shape[-2:]))
             logs["dense_cos"] = losses.cosine_similarity(dense, target.dense).mean()
             for key, value in logs.items():
-                self.log(f"val/{teacher.name}/{key}@{size}", value, batch_size=len(images), sync_dist=True)
+                self.log(f"{prefix}{teacher.name}/{key}@{size}", value, batch_size=len(images), sync_dist=True)
 
     def view_shifts(self, images: torch.Tensor, student_size: int | None, names: list[str], cached: dict | None) -> dict | None:
         """shift_equivariant only: {"pixels": {"student" | teacher: (dy, dx)}} translations of the crop for this
@@ -381,6 +457,8 @@ class DistillModule(L.LightningModule):
             if total[0] < 2:
                 raise ValueError("DistillModule.calibrate got no images; check the training data source.")
             norm.fit(total)
+            for other in self.students.values():  # every student's head learns the same normalized targets
+                other.heads[teacher.name].norm.load_state_dict(norm.state_dict())
 
     def on_train_start(self) -> None:
         # Fixed statistics, measured once: a resumed run keeps the ones in its checkpoint.
@@ -403,18 +481,24 @@ class DistillModule(L.LightningModule):
             self.teacher_losses(images, "val")
 
     def parameter_groups(self) -> list[dict]:
-        """Trainable parameters grouped by timm's `param_groups_weight_decay`: no weight decay on the student's
-        `no_weight_decay()` set (pos_embed, class / register tokens), norms and biases; the rest decays with
-        the optimizer's own `weight_decay`."""
-        skip = [f"student.model.{name}" for name in self.student.model.no_weight_decay()]
-        groups = param_groups_weight_decay(self, weight_decay=1.0, no_weight_decay_list=skip)
-        for group in groups:
-            if group["weight_decay"]:
-                del group["weight_decay"]  # placeholder above; the optimizer's configured value applies
+        """Trainable parameters grouped by timm's `param_groups_weight_decay`, per student: no weight decay on the
+        student's `no_weight_decay()` set (pos_embed, class / register tokens), norms and biases; the rest decays
+        with the optimizer's own `weight_decay`. Groups of model.students carry their `lr_scale`."""
+        groups = []
+        for name, model in self.all_students().items():
+            skip = [f"model.{key}" for key in model.model.no_weight_decay()]
+            for group in param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=skip):
+                if group["weight_decay"]:
+                    del group["weight_decay"]  # placeholder above; the optimizer's configured value applies
+                if name != "student":
+                    group["lr_scale"] = self.lr_scales[name]
+                groups.append(group)
         return groups
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:  # before the schedule reads each group's initial lr
+            group["lr"] *= group.get("lr_scale", 1.0)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -424,6 +508,8 @@ class DistillModule(L.LightningModule):
         return {
             "student": self.student.config(),
             "heads": self.student.adaptors_config(),
+            "students": {name: {"student": model.config(), "heads": model.adaptors_config()}
+                         for name, model in self.students.items()},
             "dense_loss": self.dense_loss,
             "dense_norm": self.hparams.get("dense_normalizer", "channel_standardizer") if self.dense_norm else None,
             "teachers": {
@@ -443,6 +529,23 @@ class DistillModule(L.LightningModule):
         for key, value in self.teachers.state_dict().items():
             checkpoint["state_dict"].setdefault(f"teachers.{key}", value)
         upgrade_state_dict(checkpoint["state_dict"])
+        match_ema_keys(checkpoint["state_dict"], self.ema)
+
+
+def make_ema(student: StudentModel, decay: float) -> AveragedModel:
+    """An EMA of `student` (a frozen copy, never trained); its buffers follow the student's on every update."""
+    ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    return ema.requires_grad_(False)
+
+
+def match_ema_keys(state: dict, ema: nn.ModuleDict) -> None:
+    """Fit a checkpoint's EMA entries (in place) to the module's EMA: a checkpoint without them starts the EMA
+    afresh (n_averaged 0: the next update copies the weights); EMA entries of a module without EMA are dropped."""
+    for key in [k for k in state if k.startswith("ema.") and k.split(".")[1] not in ema]:
+        del state[key]
+    for key, value in ema.state_dict().items():
+        if f"ema.{key}" not in state:
+            state[f"ema.{key}"] = torch.zeros_like(value) if key.endswith("n_averaged") else value
 
 
 def _check_full_view(teacher: Teacher) -> None:

@@ -14,6 +14,12 @@ and the ratios online / naive (goal <= 0.67), online / online_fp32 (never > 1), 
 Then exact FLOPs per model (mllm.study.cost.count_flops vs torch's plain counter), SAM's per-image time at
 batch 1 vs 4 (whole batch vs chunks of 1, as SamEncoder runs it on CPU), and the teacher-feature cache's
 bytes per image vs Theia's bf16 layout with its held-out reconstruction cosine (distill.cache.measure).
+
+    PYTHONPATH=$PWD python scripts/bench_distill.py --students vit_tiny_patch16_224 vit_small_patch16_224 vit_small_patch16_224
+
+`--students A B C` (issue 19 item 4) instead times, interleaved, one online step of a DistillModule with the three
+students (model.student + model.students: one teacher pass feeds all) against three single-student online steps
+(the teachers run once per student), and prints the ratio (goal <= 0.5).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from distill.encoders import OpenClipEncoder, TimmEncoder
 from distill.model import StudentModel
 from distill.module import DistillModule
 from distill.common.precision import BF16_CPU_FLAGS, choose_precision, cpu_info
+from distill.students import StudentSpec
 from distill.teacher import Teacher
 from distill.toy.world import HELDOUT_SEED, ToyWorld
 from mllm.study.cost import count_flops
@@ -58,6 +65,46 @@ def build(args) -> tuple[DistillModule, list[Teacher]]:
     module.log = lambda *a, **k: None  # outside a Trainer
     module.train()
     return module, teachers
+
+
+def multi_student_section(args, images: torch.Tensor) -> None:
+    """One online step feeding every student of `args.students` from one teacher pass vs one single-student online
+    step per student (each running the teachers), fp32, interleaved; prints the median times and their ratio."""
+    teachers = [
+        Teacher("clip", OpenClipEncoder(args.clip, image_size=args.teacher_size)),
+        Teacher("dino", TimmEncoder(args.dino, image_size=args.teacher_size, crop_pct=1.0)),
+    ]
+
+    def student(name: str) -> StudentModel:
+        return StudentModel(name, summary_names=["clip", "dino"], num_registers=2, img_size=args.size)
+
+    def module(first: str, rest: list[str]) -> DistillModule:
+        specs = [StudentSpec(f"s{i}", student(name)) for i, name in enumerate(rest, 1)]
+        m = DistillModule(student(first), teachers, adaptor_hidden_dim=args.adaptor_hidden, students=specs)
+        m.log = lambda *a, **k: None  # outside a Trainer
+        return m.train()
+
+    def step(m: DistillModule, opt: torch.optim.Optimizer) -> None:
+        loss = m.teacher_losses(images, "train")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def optimizer(m: DistillModule) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable(m), lr=1e-4)
+
+    together = module(args.students[0], args.students[1:])
+    singles = [module(name, []) for name in args.students]
+    together_opt, single_opts = optimizer(together), [optimizer(m) for m in singles]
+    log(f"{len(args.students)} students {args.students} @{args.size}, teachers CLIP {args.clip} + {args.dino} "
+        f"@{args.teacher_size}, batch {len(images)}, fp32; {args.reps} reps (+1 warm-up), interleaved:")
+    steps = {"one_teacher_pass": lambda: step(together, together_opt),
+             "separate_runs": lambda: [step(m, o) for m, o in zip(singles, single_opts)]}
+    times = time_interleaved(steps, args.reps)
+    medians = summarize(times, len(images))
+    log("")
+    ratio_line(f"{len(args.students)} students in one run / {len(args.students)} runs", "one_teacher_pass",
+               "separate_runs", medians, times, "goal <= 0.5")
 
 
 def trainable(module: DistillModule) -> list[torch.nn.Parameter]:
@@ -254,6 +301,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sam-size", type=int, default=None, help="SAM encoder px (default 1024, --quick 256; 0 skips)")
     parser.add_argument("--sam-depth", type=int, default=None, help="SAM encoder blocks (default 2: one windowed, one global)")
     parser.add_argument("--compile", action="store_true", help="also time the online step with torch.compile'd teachers")
+    parser.add_argument("--students", nargs="+", default=None, metavar="TIMM_NAME",
+                        help="time these students trained from one teacher pass vs one run each (only this section)")
     parser.add_argument("--cache-images", type=int, default=None,
                         help="images for the teacher-cache bytes/cosine report (default 32, --quick 8; 0 skips)")
     args = parser.parse_args(argv)
@@ -274,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     log(f"CPU: {name}; threads {torch.get_num_threads()}; torch {torch.__version__}")
     log(f"CPU flags: {' '.join(f for f in INTERESTING_FLAGS if f in flags) or '(none of ' + ','.join(INTERESTING_FLAGS) + ')'}"
         f"; bf16 units: {'yes' if any(f in flags for f in BF16_CPU_FLAGS) else 'no'}")
+    if args.students:
+        torch.manual_seed(0)
+        multi_student_section(args, torch.rand(args.batch, 3, args.size, args.size))
+        log(f"\nbench took {time.perf_counter() - start:.0f} s")
+        return
     choice = choose_precision("cpu")  # logs its one-line reason
     torch.manual_seed(0)
     module, teachers = build(args)

@@ -74,3 +74,19 @@ def test_quick_options():
     assert (quick.size, quick.teacher_size, quick.batch, quick.reps, quick.sam_size, quick.cache_images) == (96, 112, 1, 2, 256, 8)
     full = bench.parse(["--batch", "8"])
     assert (full.size, full.teacher_size, full.batch, full.reps, full.sam_size) == (224, 224, 8, 5, 1024)
+
+
+def test_students_section_times_both_ways(capsys, monkeypatch):
+    """--students: the section builds one module with every student and one module per student, times both steps
+    interleaved and prints the ratio (tiny timm students and teachers, 1 rep)."""
+    import tiny_teachers  # noqa: F401  registers the tiny timm ViTs
+
+    monkeypatch.setattr(bench, "OpenClipEncoder", lambda name, image_size: bench.TimmEncoder(
+        "unitower_tiny_vit", image_size=image_size, crop_pct=1.0))
+    args = bench.parse(["--students", "unitower_tiny_vit", "unitower_tiny_vit", "--clip", "x", "--dino",
+                        "unitower_tiny_vit", "--size", "32", "--teacher-size", "32", "--batch", "1", "--reps", "1",
+                        "--adaptor-hidden", "8"])
+    assert args.students == ["unitower_tiny_vit", "unitower_tiny_vit"]
+    bench.multi_student_section(args, torch.rand(1, 3, 32, 32))
+    out = capsys.readouterr().out
+    assert "one_teacher_pass" in out and "separate_runs" in out and "2 students in one run / 2 runs" in out

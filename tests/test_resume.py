@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -117,9 +118,10 @@ def _trainer(root: Path, ids: Path) -> dict:
     }
 
 
-def distill_config(root: Path, ids: Path, workers: int, shards: str | None = None) -> Path:
+def distill_config(root: Path, ids: Path, workers: int, shards: str | None = None, ema_decay: float | None = None) -> Path:
     """The toy distill recipe, shrunk: 40 images, batch 8 (5 batches an epoch), 12 steps; `shards`: read
-    the training images from these webdataset shards in order (no resampling, no shuffle buffer)."""
+    the training images from these webdataset shards in order (no resampling, no shuffle buffer); `ema_decay`:
+    keep a student EMA (in the checkpoint's state_dict, so the comparison below covers it)."""
     cfg = yaml.safe_load((ROOT / "configs/distill/toy.yaml").read_text())
     cfg["trainer"] = _trainer(root, ids)
     cfg["data"].update(batch_size=8, num_workers=workers)
@@ -128,7 +130,7 @@ def distill_config(root: Path, ids: Path, workers: int, shards: str | None = Non
         cfg["data"]["train"] = {"class_path": "distill.data.ShardImages",
                                 "init_args": {"urls": shards, "resampled": False, "shuffle_buffer": 0}}
     cfg["model"]["student"]["init_args"]["model_args"].update(embed_dim=48, depth=2)
-    cfg["model"].update(adaptor_hidden_dim=32, warmup_steps=2)
+    cfg["model"].update(adaptor_hidden_dim=32, warmup_steps=2, ema_decay=ema_decay)
     path = root.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -194,10 +196,13 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("package", ["distill", "mllm", "distill-shards", "mllm-lora-dropout"])
+@pytest.mark.parametrize("package", ["distill", "mllm", "distill-shards", "mllm-lora-dropout", "distill-ema"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill9_resume_is_bit_identical(tmp_path, package, workers):
-    make = {"distill": distill_config, "mllm": mllm_config, "mllm-lora-dropout": mllm_dropout_config}.get(package)
+    make = {"distill": distill_config, "mllm": mllm_config, "mllm-lora-dropout": mllm_dropout_config,
+            "distill-ema": partial(distill_config, ema_decay=0.8)}.get(package)
+    if package == "distill-ema":
+        package = "distill"
     if package == "mllm-lora-dropout":
         package = "mllm"
     if package == "distill-shards":  # 2 shards of 20 toy images, read in order: a deterministic stream
@@ -221,6 +226,8 @@ def test_kill9_resume_is_bit_identical(tmp_path, package, workers):
 
     expected, final = _weights(tmp_path / "ref" / "ckpt" / "last.ckpt"), _weights(last)
     assert expected.keys() == final.keys()
+    if isinstance(make, partial):
+        assert final["ema.student.n_averaged"].item() == STEPS  # the EMA is in the compared weights
     diff = max((expected[k].float() - final[k].float()).abs().max().item() for k in expected)
     assert all(torch.equal(expected[k], final[k]) for k in expected), (
         f"{package}, {workers} workers, killed at step {kill_step}, resumed from {resumed_from}: max abs diff {diff}")

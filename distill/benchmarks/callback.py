@@ -145,7 +145,7 @@ class EncoderBenchmarks(L.Callback):
         """Every probe's score for the student now and for the teachers (computed once); also kept in `last_scores`."""
         start = time.perf_counter()
         teachers = self._teachers(pl_module)
-        student = pl_module.student
+        student = pl_module.student_for("val")  # the EMA when the module keeps one
         device = pl_module.device
         if self.probe_set is None:
             self.probe_set = self._build_set(student)
