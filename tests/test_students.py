@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
+from distill.losses_radio4 import translate
 from distill.model import StudentModel
 from distill.module import DistillModule
 from distill.students import StudentSpec
@@ -149,3 +150,27 @@ def test_fit_checkpoint_and_export_per_student(tmp_path, tiny_teacher_files):
         assert all(torch.equal(v, state[f"{prefix}model.{k}"]) for k, v in backbone.items()), name
     with pytest.raises(KeyError, match="no student 'big'"):
         main(["export", "--ckpt", str(last), "--out", str(tmp_path / "x"), "--student", "big"])
+
+
+def test_every_student_sees_the_shifted_view_and_the_radio4_losses(tiny_teacher_files):
+    """model.students with C-RADIOv4's options (issue 19 items 2 + 4 together): one shifted teacher pass, and each
+    student's part equals a single-student module with the same options and weights on the same step."""
+    torch.manual_seed(0)
+    options = {"shift_equivariant": True, "shift_std": 1.0, "summary_loss": "angle_balanced"}
+    module = make_module(tiny_teacher_files, **options)
+    images = torch.rand(2, 3, 32, 32)
+    shifts = module.view_shifts(images, None, module.active_teachers("train"), None)
+    assert any(v != (0, 0) for v in shifts["pixels"].values()), "seeded draw gave no shift at all: pick another std"
+    total = module.teacher_losses(images, "train")
+    total.backward()
+    for name, model in module.all_students().items():
+        assert model.model.patch_embed.proj.weight.grad.abs().sum() > 0, name
+    for name, model in module.all_students().items():
+        single = DistillModule(student(SMALL if name == "small" else ARGS), module.teachers,
+                               adaptor_hidden_dim=16 if name == "small" else 32, **options)
+        single.student.load_state_dict(model.state_dict())
+        single.log = lambda *a, **k: None
+        index = list(module.all_students()).index(name)
+        targets = {t.name: t.targets(translate(images, *shifts["pixels"][t.name])) for t in module.teachers}
+        part = module.student_losses(images, targets, "train", name, index * 3, shifts)
+        torch.testing.assert_close(single.teacher_losses(images, "train"), part)
