@@ -172,7 +172,9 @@ class MultiLayerFusion(Fusion):
     encoders' results are concatenated along channels on a common grid -> [B, g*g, sum(width_i)].
 
     Deviations: the merge weights are a softmax of learned logits (start uniform, always sum to 1, as COMM's
-    Layerscale weights); COMM uses every CLIP layer and DINOv2's deep layers, here `layers` chooses them.
+    Layerscale weights); COMM uses every CLIP layer and DINOv2's deep layers, here `layers` chooses them (the
+    tower runs an encoder once per chosen layer, stopping early: more encoder compute than one pass with several
+    outputs, the same features).
 
     Args:
         layers: per encoder (in the tower's order), the block indices to merge, e.g. [[-1, -2, -4, -6], [-1, -2]].
@@ -198,13 +200,15 @@ class MultiLayerFusion(Fusion):
         self.lln = nn.ModuleList(
             nn.ModuleList(nn.Sequential(nn.Linear(d, w), nn.LayerNorm(w)) for _ in chosen)
             for d, w, chosen in zip(dims, widths, self.layers))
-        self.merge = nn.ParameterList(nn.Parameter(torch.zeros(len(chosen))) for chosen in self.layers)
+        # merge logits only where there is something to merge: one layer's weight would be a constant 1
+        self.merge = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(len(chosen)))
+                                       for i, chosen in enumerate(self.layers) if len(chosen) > 1})
         self.branch_mlp = nn.ModuleList(_mlp(w, w) if on else nn.Identity() for w, on in zip(widths, self.mlp))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         merged = []
-        for stack, lln, logits, mlp in zip(features, self.lln, self.merge, self.branch_mlp):
-            weights = logits.softmax(0)
+        for i, (stack, lln, mlp) in enumerate(zip(features, self.lln, self.branch_mlp)):
+            weights = self.merge[str(i)].softmax(0) if str(i) in self.merge else stack.new_ones(1)
             mixed = sum(w * layer_norm(stack[:, j]) for j, (w, layer_norm) in enumerate(zip(weights, lln)))
             merged.append(mlp(mixed))
         return torch.cat(merged, dim=-1)
