@@ -169,6 +169,9 @@ def vision_export(tower: VisionTower) -> dict:
         )
     if not isinstance(tower, SingleEncoderTower):
         raise ExportError(f"{type(tower).__name__} is not a tower this export knows; only SingleEncoderTower maps.")
+    if tower.norm != "none":  # issue 20: Llava feeds the vision model's hidden states to the projector as they are
+        raise ExportError(f"{type(tower).__name__}(norm='{tower.norm}') cannot be exported: transformers' Llava has no "
+                          "normalisation between the vision model and the projector; train with norm: none to export.")
     encoder = tower.encoder
     if isinstance(encoder, TimmEncoder):
         _refuse_timm(encoder)
