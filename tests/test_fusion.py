@@ -183,3 +183,17 @@ def test_live_and_cached_towers_hand_the_projector_the_same_tokens(setup, tmp_pa
     assert cached_tokens.shape == live_tokens.shape == (3, 4, live.dim) and cached.num_tokens == live.num_tokens
     assert torch.allclose(cached_tokens, live_tokens, atol=1e-5)
     assert live_tokens.abs().max() > 0.1  # not trivially zero
+
+
+def test_cost_counts_the_fusion_by_hand_and_leaves_it_trainable(setup):
+    from mllm.study.cost import tower_cost
+
+    vit, clip = encoders(setup)
+    tower = EnsembleTower([vit, clip], ExpertMLPFusion(width=8), grid=2)
+    cost = tower_cost(tower, image_size=32, batch_size=2, repeats=1)
+    widths = [vit.dense_dim, clip.dense_dim]
+    assert cost["fusion_params_m"] * 1e6 == pytest.approx(sum(c * 8 + 8 + 8 * 8 + 8 for c in widths))
+    # per image: each expert's two matmuls on its 4 tokens, 2 FLOPs per multiply-add
+    assert cost["fusion_gflops_per_image"] * 1e9 == pytest.approx(sum(2 * 4 * (c * 8 + 8 * 8) for c in widths))
+    assert cost["gflops_per_image"] > cost["fusion_gflops_per_image"]
+    assert all(p.requires_grad for p in tower.fusion.parameters())
