@@ -5,8 +5,8 @@ held-out questions by likelihood, and write the report with paired statistics.
 Variants: towers (single encoders, ensembles, the student) and two controls with no tower: `blind`
 (constant tokens) and `oracle` (tokens built from the generator's ground truth), both from
 mllm/study/instrument.py. Towers are frozen, so their tokens for the training and evaluation images are
-computed once (mllm/features.py) and the LLaVA loop pays only for the fusion module (if any) + projector + LM; every variant, seed and
-control uses the same recipes, steps, data order and questions.
+computed once (mllm/features.py) and the LLaVA loop pays only for the fusion module (if any) + projector + LM;
+every variant, seed and control uses the same recipes, steps, data order and questions.
 
 Layout of OUT: features/ (cached tokens), distill-<key>-seed<k>/ (student runs + exports),
 runs/<variant>/seed<k>-<key>/ (align.yaml, finetune.yaml, eval.json, record.json: written last, so a run
