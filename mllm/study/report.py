@@ -119,15 +119,15 @@ def header(study, budget, smoke: bool, seconds: float | None) -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     if study.eval_json:
         data = (f"{budget.align_steps} align + {budget.finetune_steps} finetune steps on the recipes' data, seeds "
-                f"0..{budget.seeds - 1}, {grid}. Scored: greedy answers to `{study.eval_json}`, each by its reference "
-                "(multiple choice, yes/no, exact match).")
+                f"0..{budget.seeds - 1}, {grid}, `norm: {study.norm}`. Scored: greedy answers to `{study.eval_json}`, "
+                "each by its reference (multiple choice, yes/no, exact match).")
     else:
         data = (f"{budget.align_steps} align + {budget.finetune_steps} finetune steps on the cached tokens of "
                 f"{budget.train_images} training images (toy world, at most {study.max_objects} object(s) per image), "
-                f"seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every tower (the student's too), tokens "
-                f"standardized per channel. Scored: every question kind for every object of {budget.eval_images} "
-                f"held-out images (seed {HELDOUT_SEED}), answered by ranking the candidate answers' likelihood (sum of "
-                f"answer-token log-probs). {toy_build()}")
+                f"seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every tower (the student's too), every "
+                f"encoder's tokens normalised by the rule `norm: {study.norm}`. Scored: every question kind for every "
+                f"object of {budget.eval_images} held-out images (seed {HELDOUT_SEED}), answered by ranking the candidate "
+                f"answers' likelihood (sum of answer-token log-probs). {toy_build()}")
     return "\n".join([
         "# unitower baseline study" + (" (smoke)" if smoke else ""),
         "",
