@@ -1,15 +1,20 @@
-"""Frozen-feature cache: a frozen tower's visual tokens for a set of toy-world images, computed once.
+"""Frozen-feature cache: a frozen tower's raw per-encoder features for a set of toy-world images, computed once.
 
-A frozen tower gives the same tokens for the same image at every step and seed, so the study computes
-them once per (tower, image set) and the LLaVA loop then pays only for projector + LM:
+Frozen encoders give the same features for the same image at every step and seed, so the study computes
+them once per (tower, image set) and the LLaVA loop then pays only for fusion + projector + LM:
 
-    path = cache_features(tower, tower_config, seed=0, num_images=8000, image_size=64, folder="runs/features")
+    path = cache_features(lambda: tower_features(tower, images), "clip", tower_config, seed=0, num_images=8000,
+                          image_size=64, folder="runs/features")
     source = ToySource(seed=0, num_images=8000, stage="finetune", features=str(path))
-    model = LlavaModel(CachedTower(str(path)), lm)        # the tower passes the cached tokens through
+    model = LlavaModel(CachedTower(str(path), fusion="channel", norm="layernorm"), lm)
 
-A cache file is `<name>-<key>.safetensors` (tensor `tokens` [num_images, N, C], float32) with a JSON
-beside it (`<name>-<key>.json`: seed, image_size, num_images, num_tokens, dim, the tower config). The
-key hashes the tower config, the world (seed, image size, count, toy BUILD_VERSION) and the weights'
+What is stored is the tower's `features` (mllm/towers.py): one tensor [num_images, L_i, N_i, C_i] per
+encoder (L_i layers where the fusion asks for several), before normalisation and fusion. CachedTower applies
+the same `norm` rule and fusion module as the live tower, so a trainable fusion (MouSi, BRAVE, COMM) trains
+on cached features. A cache file is `<name>-<key>.safetensors` (tensor `features` [num_images, D]: each
+image's per-encoder tensors flattened and concatenated, float32, so a data source indexes one row per image)
+with a JSON beside it (`<name>-<key>.json`: seed, image_size, num_images, `parts` [{layers, tokens, dim}] per
+encoder, the tower config). The key hashes the tower config, the world (seed, image size, count, toy BUILD_VERSION) and the weights'
 identity: every existing file or folder named in the config (size and modification time of each file)
 and, for `toy:` names, the toy cache's manifest hash. Files are written atomically.
 
@@ -35,9 +40,10 @@ from tqdm import tqdm
 from distill.common.io import save_json, save_safetensors
 from distill.common.names import split_scheme
 from distill.toy.cache import PROFILES, active_profile
-from mllm.towers import VisionTower
+from mllm.fusion import Fusion, build_fusion
+from mllm.towers import VisionTower, resample_grid
 
-FEATURES_VERSION = 2  # bump when a token builder (tower_tokens, oracle_tokens, blind_tokens) changes
+FEATURES_VERSION = 3  # bump when a builder (tower_features, oracle_tokens, blind_tokens) or the layout changes
 
 
 def weights_identity(value: Any) -> list:
@@ -76,32 +82,48 @@ def toy_images(seed: int, num_images: int, image_size: int, max_objects: int = 4
 
 
 @torch.inference_mode()
-def tower_tokens(tower: VisionTower, images: torch.Tensor, batch_size: int = 256, desc: str = "features") -> torch.Tensor:
-    """The frozen `tower`'s tokens [num_images, N, C] for float images [num_images, 3, S, S] in [0, 1]."""
+def tower_features(tower: VisionTower, images: torch.Tensor, batch_size: int = 256,
+                   desc: str = "features") -> list[torch.Tensor]:
+    """The frozen `tower`'s raw features, one [num_images, L_i, N_i, C_i] per encoder, for float images
+    [num_images, 3, S, S] in [0, 1]."""
     tower.eval()
-    chunks = [tower(batch) for batch in tqdm(images.split(batch_size), desc=desc, leave=False, unit="batch")]
-    return torch.cat(chunks).float()
+    chunks = [tower.features(batch) for batch in tqdm(images.split(batch_size), desc=desc, leave=False, unit="batch")]
+    return [torch.cat([chunk[i] for chunk in chunks]).float() for i in range(len(chunks[0]))]
 
 
-def write_features(tokens: torch.Tensor, path: str | Path, info: dict) -> Path:
-    """Write tokens [num_images, N, C] and their JSON description beside them (both atomically)."""
+def write_features(features: list[torch.Tensor] | torch.Tensor, path: str | Path, info: dict) -> Path:
+    """Write per-encoder features ([num_images, L_i, N_i, C_i] each; a single [num_images, N, C] tensor is one
+    encoder with one layer) and their JSON description beside them (both atomically)."""
     path = Path(path)
-    meta = {**info, "num_images": int(tokens.shape[0]), "num_tokens": int(tokens.shape[1]), "dim": int(tokens.shape[2])}
-    save_safetensors({"tokens": tokens}, path)
+    if isinstance(features, torch.Tensor):
+        features = [features[:, None]]
+    parts = [{"layers": int(f.shape[1]), "tokens": int(f.shape[2]), "dim": int(f.shape[3])} for f in features]
+    flat = torch.cat([f.reshape(len(f), -1) for f in features], dim=1).float().contiguous()
+    meta = {**info, "num_images": int(flat.shape[0]), "parts": parts}
+    save_safetensors({"features": flat}, path)
     save_json(meta, path.with_suffix(".json"))
     return path
 
 
-def cache_features(tokens_fn, name: str, config: dict, seed: int, num_images: int, image_size: int,
+def split_features(flat: torch.Tensor, parts: list[dict]) -> list[torch.Tensor]:
+    """Rows [B, D] of a cache file back into per-encoder features [B, L_i, N_i, C_i] (`parts` from its JSON)."""
+    sizes = [p["layers"] * p["tokens"] * p["dim"] for p in parts]
+    if flat.dim() != 2 or flat.shape[1] != sum(sizes):
+        raise ValueError(f"cached features must be rows [B, {sum(sizes)}] (parts {parts}), got {tuple(flat.shape)}; "
+                         "give the data source the same `features` file as the CachedTower.")
+    return [chunk.reshape(len(flat), p["layers"], p["tokens"], p["dim"]) for chunk, p in zip(flat.split(sizes, 1), parts)]
+
+
+def cache_features(features_fn, name: str, config: dict, seed: int, num_images: int, image_size: int,
                    folder: str | Path, max_objects: int = 4) -> Path:
-    """The cache file of `config` on this image set: reused if present, else `tokens_fn()` is computed
-    ([num_images, N, C]) and written. `name` prefixes the file name (e.g. the variant)."""
+    """The cache file of `config` on this image set: reused if present, else `features_fn()` is computed
+    (per-encoder features, or one [num_images, N, C] tensor) and written. `name` prefixes the file name."""
     key = feature_key(config, seed, num_images, image_size, max_objects)
     path = Path(folder) / f"{name}-seed{seed}-{num_images}-{key}.safetensors"
     if path.is_file() and path.with_suffix(".json").is_file():
         return path
     info = {"name": name, "seed": seed, "image_size": image_size, "max_objects": max_objects, "config": config, "key": key}
-    return write_features(tokens_fn(), path, info)
+    return write_features(features_fn(), path, info)
 
 
 def features_info(path: str | Path) -> dict:
@@ -110,71 +132,84 @@ def features_info(path: str | Path) -> dict:
     if not Path(path).is_file() or not meta.is_file():
         raise FileNotFoundError(f"cached features '{path}' (or its '{meta.name}') do not exist; the study writes them "
                                 "with mllm.features.cache_features.")
-    return json.loads(meta.read_text())
+    info = json.loads(meta.read_text())
+    if "parts" not in info:
+        raise ValueError(f"cached features '{path}' are in an older layout (no `parts`); delete the file and let the "
+                         "study compute it again.")
+    return info
 
 
 def load_features(path: str | Path, seed: int, image_size: int, num_images: int, max_objects: int = 4) -> torch.Tensor:
-    """Tokens [num_images, N, C] of a cache file, checked against the image set that will index them."""
+    """Rows [num_images, D] of a cache file (see the module docstring), checked against the image set that will
+    index them."""
     info = features_info(path)
     held = (info["seed"], info["image_size"], info.get("max_objects", 4))
     if held != (seed, image_size, max_objects) or info["num_images"] < num_images:
         raise ValueError(f"cached features '{path}' hold {info['num_images']} images of (seed, size, max_objects) "
                          f"{held}, but the data asks for {num_images} images of {(seed, image_size, max_objects)}; "
                          "compute the features for this image set.")
-    return load_file(str(path))["tokens"][:num_images]
+    return load_file(str(path))["features"][:num_images]
+
+
+def grid_tokens(flat: torch.Tensor, parts: list[dict], grid: int) -> torch.Tensor:
+    """Every encoder's last cached layer on a grid x grid map, concatenated along channels -> [B, grid*grid,
+    sum(C_i)] (what the probes read: the same for every fusion of the same encoders)."""
+    maps = []
+    for tokens in split_features(flat, parts):
+        tokens = tokens[:, -1]
+        side = int(round(tokens.shape[1] ** 0.5))
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"grid_tokens needs square token maps; a cached part has {tokens.shape[1]} tokens "
+                             "(a CLS token?).")
+        dense = tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
+        maps.append(resample_grid(dense, (grid, grid)).flatten(2).transpose(1, 2))
+    return torch.cat(maps, dim=-1)
 
 
 class CachedTower(VisionTower):
-    """A tower whose "images" are already its cached tokens [B, N, C] (from `cache_features`): it passes
-    them through, so the LLaVA loop trains only projector + LM.
+    """A tower whose "images" are already its cached features (rows [B, D] from `cache_features`): it splits them
+    per encoder and applies the live tower's `norm` rule and fusion, so the LLaVA loop trains only fusion +
+    projector + LM and the projector sees what the live tower would give.
 
     Args:
-        features: a cache file (the training images'); its JSON gives `dim` and `num_tokens`.
-        standardize: z-score every channel with the mean / std of all tokens in `features` (fixed, the
-            same statistics for the evaluation images), so every variant reaches the projector on one
-            scale: raw towers differ by orders of magnitude, and a badly scaled input slows the LLaVA's
-            learning far more than it limits it (see the study README).
-        whiten: after standardizing, decorrelate the channels (ZCA: identity covariance of the training
-            tokens, eigenvalues floored at WHITEN_FLOOR x their mean). An invertible linear map, so the tokens
-            hold what they held; but a skill carried by low-variance directions (toy texture: ~4% of the
-            CLIP tokens' variance) is then learned as fast as one carried by the top directions.
+        features: a cache file (the training images'); its JSON gives the per-encoder shapes.
+        fusion: the live tower's fusion (a registered name or an mllm.fusion.Fusion config); "channel" for a
+            single encoder passes its tokens through.
+        grid: the live tower's `grid` (the resampler's K = grid*grid); the cached maps are already resampled.
+        norm: the live tower's `norm` ("none" or "layernorm").
     """
 
-    def __init__(self, features: str, standardize: bool = True, whiten: bool = False) -> None:
-        super().__init__(trainable=False)
+    def __init__(self, features: str, fusion: Fusion | str = "channel", grid: int | None = None,
+                 norm: str = "none") -> None:
+        super().__init__(trainable=False, norm=norm)
         info = features_info(features)
-        self.features = features
-        self.dim = int(info["dim"])
-        self._num_tokens = int(info["num_tokens"])
+        self.features_path = features
+        self.parts = info["parts"]
         self.input_size = (int(info["image_size"]),) * 2
-        mean, std, rotation = torch.zeros(self.dim), torch.ones(self.dim), torch.eye(self.dim)
-        if standardize or whiten:
-            tokens = load_file(str(features))["tokens"].reshape(-1, self.dim).double()
-            mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-6)
-            if whiten:
-                rotation = zca_matrix((tokens - mean) / std).float()
-            mean, std = mean.float(), std.float()
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
-        self.register_buffer("rotation", rotation, persistent=False)
-        self.whiten = whiten
+        self.fusion = build_fusion(fusion)
+        if self.fusion.layers is not None:
+            held = [p["layers"] for p in self.parts]
+            if [len(chosen) for chosen in self.fusion.layers] != held:
+                raise ValueError(f"CachedTower({features}): the fusion asks for layers {self.fusion.layers} but the cache "
+                                 f"holds {held} layers per encoder; cache the features with the same fusion config.")
+        self.fusion.bind([p["dim"] for p in self.parts], grid)
+        self.dim = self.fusion.dim
+        self.row_size = sum(p["layers"] * p["tokens"] * p["dim"] for p in self.parts)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 3 or tuple(images.shape[1:]) != (self._num_tokens, self.dim):
-            raise ValueError(f"CachedTower({self.features}) expects cached tokens [B, {self._num_tokens}, {self.dim}], "
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.dim() != 2 or images.shape[1] != self.row_size:
+            raise ValueError(f"CachedTower({self.features_path}) expects cached feature rows [B, {self.row_size}], "
                              f"got {tuple(images.shape)}; give the data source the same `features` file.")
-        standardized = (images - self.mean) / self.std
-        return standardized @ self.rotation if self.whiten else standardized
+        return split_features(images, self.parts)
 
-
-WHITEN_FLOOR = 0.01  # ZCA eigenvalue floor, relative to their mean: near-empty directions are not blown up
-
-
-def zca_matrix(centered: torch.Tensor) -> torch.Tensor:
-    """The symmetric whitening matrix [C, C] of centered vectors [M, C]: x @ W has (close to) identity covariance."""
-    eigenvalues, vectors = torch.linalg.eigh(centered.T @ centered / max(1, len(centered) - 1))
-    floor = WHITEN_FLOOR * eigenvalues.clamp_min(0).mean() + 1e-12
-    return vectors @ torch.diag((eigenvalues.clamp_min(0) + floor).rsqrt()) @ vectors.T
+    @property
+    def num_tokens(self) -> int:
+        if self._num_tokens is None:
+            parameter = next(self.parameters(), None)
+            row = torch.zeros(1, self.row_size, device=parameter.device if parameter is not None else "cpu")
+            with torch.inference_mode():
+                self._num_tokens = int(self.fuse(self.features(row)).shape[1])
+        return self._num_tokens
 
 
 def oracle_tokens(seed: int, num_images: int, image_size: int, grid: int, max_objects: int = 4) -> torch.Tensor:

@@ -174,6 +174,9 @@ def vision_export(tower: VisionTower) -> dict:
             "(trust_remote_code), which this export does not write. Evaluate it with `python -m mllm evaluate` or the "
             "lmms-eval entry mllm/lmms_eval.py instead."
         )
+    if tower.norm != "none":  # issue 20: Llava feeds the vision model's hidden states to the projector as they are
+        raise ExportError(f"{type(tower).__name__}(norm='{tower.norm}') cannot be exported: transformers' Llava has no "
+                          "normalisation between the vision model and the projector; train with norm: none to export.")
     if isinstance(tower, StudentTower):
         return student_vision_export(tower)
     if not isinstance(tower, SingleEncoderTower):

@@ -4,7 +4,8 @@ Stages:
     align     only the projector trains (caption data); the LM is frozen.
     finetune  projector and LM train (or LoRA adapters via peft); starts from an align checkpoint
               given as `init_from`.
-Separate learning rates for projector, LM and (if trainable) the tower; AdamW with linear warmup and
+The tower's fusion module (mllm/fusion.py; e.g. BRAVE's resampler) trains in both stages. Separate learning
+rates for projector, fusion, LM and (if trainable) the tower's encoders; AdamW with linear warmup and
 cosine decay. Checkpoints hold only the trained parameters (frozen weights come from their own files).
 
     module = LlavaModule(tower=SingleEncoderTower(enc), lm="toy:lm", stage="align")
@@ -55,7 +56,8 @@ class LlavaModule(L.LightningModule):
         init_from: checkpoint (.ckpt of this module) whose weights are loaded first, e.g. the align stage's.
         projector_lr: learning rate of the projector.
         lm_lr: learning rate of the LM (finetune).
-        tower_lr: learning rate of the tower (only when the tower is trainable).
+        tower_lr: learning rate of the tower's encoders (only when the tower is trainable).
+        fusion_lr: learning rate of the tower's fusion module (when it has parameters); None = projector_lr.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps with linear warmup before cosine decay.
         lora: LoRA options for the finetune stage; None = full finetuning.
@@ -73,6 +75,7 @@ class LlavaModule(L.LightningModule):
         projector_lr: float = 1e-3,
         lm_lr: float = 2e-5,
         tower_lr: float = 2e-6,
+        fusion_lr: float | None = None,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         lora: LoraOptions | None = None,
@@ -124,13 +127,21 @@ class LlavaModule(L.LightningModule):
         return loss
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: projector, LM and tower trainable parameters, each with its own learning rate."""
+        """AdamW groups: projector, fusion, LM and tower-encoder trainable parameters, each with its own learning
+        rate (`name` says which)."""
         hp = self.hparams
+        fusion = getattr(self.model.tower, "fusion", None)
+        fusion_ids = {id(p) for p in fusion.parameters()} if fusion is not None else set()
+        fusion_lr = hp.get("fusion_lr") or hp.projector_lr
+        parts = (("projector", self.model.projector.parameters(), hp.projector_lr),
+                 ("fusion", fusion.parameters() if fusion is not None else [], fusion_lr),
+                 ("lm", self.model.lm.parameters(), hp.lm_lr),
+                 ("tower", (p for p in self.model.tower.parameters() if id(p) not in fusion_ids), hp.tower_lr))
         groups = []
-        for part, lr in ((self.model.projector, hp.projector_lr), (self.model.lm, hp.lm_lr), (self.model.tower, hp.tower_lr)):
-            params = [p for p in part.parameters() if p.requires_grad]
+        for name, params, lr in parts:
+            params = [p for p in params if p.requires_grad]
             if params:
-                groups.append({"params": params, "lr": lr})
+                groups.append({"params": params, "lr": lr, "name": name})
         return groups
 
     def configure_optimizers(self):

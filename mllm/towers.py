@@ -2,16 +2,22 @@
 `num_tokens` (N).
 
     SingleEncoderTower(encoder)                  one distill encoder (CLIP, DINOv2, SAM, any timm/open_clip)
-    EnsembleTower([clip, dino, sam])             several encoders fused on a common token grid
+    EnsembleTower([clip, dino, sam])             several encoders joined by a fusion module (mllm/fusion.py)
     StudentTower("runs/export")                  the distilled student from `python -m distill export`
 
+A tower is two parts: `features(images)` (the encoders: frozen unless `trainable`, then run under inference
+mode) gives one raw tensor [B, L_i, N_i, C_i] per encoder, and `fuse(features)` normalises each one by the
+tower's `norm` rule and joins them with its fusion module (trainable in both LLaVA stages, if it has
+parameters). The cached-feature path (mllm/features.py CachedTower) stores `features` and applies the same
+`fuse`, so both paths hand the projector the same tokens.
+
 Every tower takes `grid` (resample to grid x grid tokens, so all variants can get the same visual-token
-budget) and `trainable` (False: frozen, eval mode, run under inference mode).
+budget), `trainable` (False: frozen encoders, eval mode, run under inference mode) and `norm`:
+"none" (raw features) or "layernorm" (every token of every encoder and layer normalised over its channels,
+without affine parameters, as RADIO's users found LLaVA needs; see `normalize_features`).
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,7 @@ from torch import nn
 
 from distill.encoders.base import Encoder
 from distill.exported import StudentEncoder
+from mllm.fusion import ChannelFusion, Fusion, build_fusion
 
 
 def resample_grid(dense: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -30,26 +37,52 @@ def resample_grid(dense: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(dense, size=size, mode="bilinear", align_corners=False)
 
 
+NORMS = ("none", "layernorm")
+
+
+def normalize_features(features: torch.Tensor, norm: str) -> torch.Tensor:
+    """One encoder's features [..., C] under the tower rule `norm`: "none" as they are, "layernorm" each token
+    normalised over its C channels (zero mean, unit variance, eps 1e-6, no affine parameters)."""
+    if norm == "none":
+        return features
+    if norm == "layernorm":
+        return F.layer_norm(features, features.shape[-1:], eps=1e-6)
+    raise ValueError(f"norm='{norm}' is unknown; use one of {NORMS}.")
+
+
 class VisionTower(nn.Module):
-    """Base class: subclasses set `dim`, `input_size` and implement `tokens(images) -> [B, N, C]`."""
+    """Base class: subclasses set `dim`, `input_size`, `fusion` (a bound mllm.fusion.Fusion) and implement
+    `features(images) -> [[B, L_i, N_i, C_i] per encoder]`."""
 
     dim: int
     input_size: tuple[int, int]
+    fusion: Fusion
 
-    def __init__(self, trainable: bool) -> None:
+    def __init__(self, trainable: bool, norm: str = "none") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"{type(self).__name__}: norm='{norm}' is unknown; use one of {NORMS}.")
         self.trainable = trainable
+        self.norm = norm
         self._num_tokens: int | None = None
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def fuse(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Tokens [B, N, dim] from raw per-encoder features: the `norm` rule, then the fusion module."""
+        return self.fusion([normalize_features(f, self.norm) for f in features])
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.trainable:
             return self.tokens(images)
         with torch.inference_mode():
-            tokens = self.tokens(images)
-        return tokens.clone()  # a normal tensor: inference tensors cannot be saved for the projector's backward
+            features = self.features(images)
+        # normal tensors: inference tensors cannot be saved for the fusion's / projector's backward
+        return self.fuse([f.clone() for f in features])
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +102,30 @@ class VisionTower(nn.Module):
                 encoder.freeze()
 
 
+def encoder_maps(encoder: Encoder, images: torch.Tensor, layers: list[int] | None) -> list[torch.Tensor]:
+    """The encoder's dense maps [B, C, h, w] at `layers` (None: at its own `layer`), one forward per layer."""
+    if layers is None:
+        return [encoder(images).dense]
+    if not hasattr(encoder, "layer"):
+        raise ValueError(f"{type(encoder).__name__} has no `layer` setting, so a fusion cannot ask it for layers {layers}.")
+    own, maps = encoder.layer, []
+    try:
+        for layer in layers:
+            encoder.layer = layer  # the encoder reads `layer` at every forward (forward_intermediates indices)
+            maps.append(encoder(images).dense)
+    finally:
+        encoder.layer = own
+    if len({m.shape[1] for m in maps}) > 1:
+        raise ValueError(f"{type(encoder).__name__}: layers {layers} give different widths {[m.shape[1] for m in maps]}; "
+                         "choose blocks of one width (e.g. not SAM's neck, layer -1, beside its blocks).")
+    return maps
+
+
+def stack_tokens(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Dense maps [B, C, h, w] (one per layer) resampled to `size` -> tokens [B, L, size[0]*size[1], C]."""
+    return torch.stack([resample_grid(m, size).flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+
 def _grid_size(grid: int | None, dense: torch.Tensor) -> tuple[int, int]:
     return tuple(dense.shape[-2:]) if grid is None else (grid, grid)
 
@@ -81,10 +138,12 @@ class SingleEncoderTower(VisionTower):
         keep_cls: prepend the encoder's summary token (needs summary_dim == dense_dim, e.g. a ViT CLS).
         grid: resample the dense map to grid x grid tokens; None keeps the encoder's own grid.
         trainable: train the encoder too; False freezes it (eval mode, inference mode).
+        norm: "none" or "layernorm" (see the module docstring).
     """
 
-    def __init__(self, encoder: Encoder, keep_cls: bool = False, grid: int | None = None, trainable: bool = False) -> None:
-        super().__init__(trainable)
+    def __init__(self, encoder: Encoder, keep_cls: bool = False, grid: int | None = None, trainable: bool = False,
+                 norm: str = "none") -> None:
+        super().__init__(trainable, norm)
         if keep_cls and encoder.summary_dim != encoder.dense_dim:
             raise ValueError(
                 f"keep_cls=True needs a summary token as wide as the dense tokens, but {type(encoder).__name__} has "
@@ -94,11 +153,13 @@ class SingleEncoderTower(VisionTower):
         self.encoder = encoder
         self.keep_cls = keep_cls
         self.grid = grid
+        self.fusion = ChannelFusion()
+        self.fusion.bind([encoder.dense_dim], grid)
         self.dim = encoder.dense_dim
         self.input_size = tuple(encoder.input_size)
         self._set_trainable([encoder])
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         out = self.encoder(images)
         dense = resample_grid(out.dense, _grid_size(self.grid, out.dense))
         tokens = dense.flatten(2).transpose(1, 2)
@@ -106,58 +167,56 @@ class SingleEncoderTower(VisionTower):
             if out.summary is None:
                 raise ValueError(f"keep_cls=True but {type(self.encoder).__name__} returned no summary token.")
             tokens = torch.cat([out.summary[:, None], tokens], dim=1)
-        return tokens
+        return [tokens[:, None]]
 
 
 class EnsembleTower(VisionTower):
-    """Several encoders fused into one token sequence.
+    """Several encoders joined into one token sequence by a fusion module (mllm/fusion.py).
 
     fusion="channel" (default, as EAGLE / Prismatic): each dense map is resampled to a common grid and the
     maps are concatenated along channels -> [B, g*g, sum(C_i)]. fusion="sequence": each encoder's tokens
-    follow one another -> [B, sum(N_i), sum(C_i)], every encoder in its own channel block (zeros elsewhere),
-    so the projector's first linear layer acts as a separate projection per encoder.
+    follow one another -> [B, sum(N_i), sum(C_i)], every encoder in its own channel block (zeros elsewhere).
+    Trainable fusions (MouSi `expert_mlp`, BRAVE `resampler`, COMM `MultiLayerFusion`) train in both LLaVA
+    stages with LlavaModule's `fusion_lr`, while the encoders stay frozen (unless `trainable`).
 
     Args:
         encoders: the distill Encoders (e.g. CLIP, DINOv2, SAM), in token/channel order.
-        fusion: "channel" or "sequence".
-        grid: common grid side; None = the smallest grid among the encoders (channel) or each own grid (sequence).
+        fusion: a registered name ("channel", "sequence", "expert_mlp", "resampler") or an mllm.fusion.Fusion
+            (class_path/init_args in YAML, e.g. mllm.fusion.MultiLayerFusion with its `layers`).
+        grid: token grid side; None = the smallest grid among the encoders (channel, multilayer) or each own
+            grid (sequence, expert_mlp). The resampler reads its `input_grid` and returns grid*grid queries.
         trainable: train the encoders too; False freezes them.
+        norm: "none" or "layernorm" (see the module docstring), applied to each encoder (and layer) separately.
     """
 
     def __init__(
         self,
         encoders: list[Encoder],
-        fusion: Literal["channel", "sequence"] = "channel",
+        fusion: Fusion | str = "channel",
         grid: int | None = None,
         trainable: bool = False,
+        norm: str = "none",
     ) -> None:
-        super().__init__(trainable)
+        super().__init__(trainable, norm)
         if not encoders:
             raise ValueError("EnsembleTower needs at least one encoder in `encoders`.")
-        if fusion not in ("channel", "sequence"):
-            raise ValueError(f"EnsembleTower fusion='{fusion}' is unknown; use 'channel' or 'sequence'.")
         self.encoders = nn.ModuleList(encoders)
-        self.fusion = fusion
+        self.fusion = build_fusion(fusion)
+        if self.fusion.layers is not None and len(self.fusion.layers) != len(encoders):
+            raise ValueError(f"EnsembleTower: the fusion asks for layers of {len(self.fusion.layers)} encoders but "
+                             f"{len(encoders)} are given; give one `layers` entry per encoder.")
         self.grid = grid
         self.dims = [encoder.dense_dim for encoder in encoders]
-        self.dim = sum(self.dims)
+        self.fusion.bind(self.dims, grid)
+        self.dim = self.fusion.dim
         self.input_size = tuple(encoders[0].input_size)
         self._set_trainable(list(encoders))
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        dense_maps = [encoder(images).dense for encoder in self.encoders]
-        if self.fusion == "channel":
-            size = (self.grid, self.grid) if self.grid else (
-                min(d.shape[-2] for d in dense_maps), min(d.shape[-1] for d in dense_maps))
-            fused = torch.cat([resample_grid(d, size) for d in dense_maps], dim=1)
-            return fused.flatten(2).transpose(1, 2)
-        blocks = []
-        offset = 0
-        for dense in dense_maps:
-            tokens = resample_grid(dense, _grid_size(self.grid, dense)).flatten(2).transpose(1, 2)
-            blocks.append(F.pad(tokens, (offset, self.dim - offset - tokens.shape[-1])))
-            offset += tokens.shape[-1]
-        return torch.cat(blocks, dim=1)
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        layers = self.fusion.layers or [None] * len(self.encoders)
+        maps = [encoder_maps(encoder, images, chosen) for encoder, chosen in zip(self.encoders, layers)]
+        sizes = self.fusion.input_sizes(self.grid, [tuple(m[0].shape[-2:]) for m in maps])
+        return [stack_tokens(m, size) for m, size in zip(maps, sizes)]
 
 
 class StudentTower(SingleEncoderTower):
@@ -172,6 +231,7 @@ class StudentTower(SingleEncoderTower):
         grid: resample to grid x grid tokens; None keeps the student's grid.
         trainable: train the student too; False freezes it.
         image_size: resolution the student runs at; None = the export's own.
+        norm: "none" or "layernorm" (see the module docstring).
     """
 
     def __init__(
@@ -183,5 +243,7 @@ class StudentTower(SingleEncoderTower):
         grid: int | None = None,
         trainable: bool = False,
         image_size: int | None = None,
+        norm: str = "none",
     ) -> None:
-        super().__init__(StudentEncoder(path, layer=layer, adaptors=adaptors, image_size=image_size), keep_cls, grid, trainable)
+        super().__init__(StudentEncoder(path, layer=layer, adaptors=adaptors, image_size=image_size), keep_cls, grid,
+                         trainable, norm)

@@ -14,10 +14,14 @@ from mllm.features import (
     CachedTower,
     blind_tokens,
     cache_features,
+    features_info,
+    grid_tokens,
     load_features,
+    split_features,
     oracle_tokens,
     write_features,
 )
+from mllm.fusion import ResamplerFusion
 from mllm.loading import load_tokenizer
 from mllm.model import LlavaModel
 from mllm.scoring import rank_answers
@@ -34,39 +38,43 @@ def test_cache_is_computed_once_and_keyed_by_config(tmp_path):
     again = cache_features(tokens, "v", {"a": 1}, seed=0, num_images=5, image_size=64, folder=tmp_path, max_objects=1)
     other = cache_features(tokens, "v", {"a": 2}, seed=0, num_images=5, image_size=64, folder=tmp_path, max_objects=1)
     assert first == again != other and len(calls) == 2
-    assert load_features(first, seed=0, image_size=64, num_images=3, max_objects=1).shape == (3, 4, 3)
+    assert load_features(first, seed=0, image_size=64, num_images=3, max_objects=1).shape == (3, 4 * 3)  # one row per image
     with pytest.raises(ValueError, match=r"v-seed0-5-.*hold 5 images.*\(1000, 64, 1\)"):
         load_features(first, seed=1000, image_size=64, num_images=3, max_objects=1)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         CachedTower(str(tmp_path / "missing.safetensors"))
 
 
-def test_cached_tower_standardizes_with_the_files_statistics(tmp_path):
+def test_cache_rows_split_back_into_each_encoders_layers(tmp_path):
+    clip, dino = torch.randn(5, 3, 4, 2), torch.randn(5, 1, 9, 6)  # [images, layers, tokens, channels]
+    path = write_features([clip, dino], tmp_path / "f.safetensors", {"seed": 0, "image_size": 64})
+    info = features_info(path)
+    assert info["parts"] == [{"layers": 3, "tokens": 4, "dim": 2}, {"layers": 1, "tokens": 9, "dim": 6}]
+    rows = load_features(path, seed=0, image_size=64, num_images=5)
+    assert rows.shape == (5, 3 * 4 * 2 + 9 * 6)
+    back = split_features(rows, info["parts"])
+    assert torch.equal(back[0], clip) and torch.equal(back[1], dino)
+    # the probes' view: each part's last layer on a 2x2 grid, channels concatenated (dino's 3x3 map pooled)
+    grid = grid_tokens(rows, info["parts"], 2)
+    assert grid.shape == (5, 4, 2 + 6) and torch.equal(grid[..., :2], clip[:, -1])
+    dino_map = dino[:, 0].transpose(1, 2).reshape(5, 6, 3, 3)
+    assert torch.allclose(grid[:, 0, 2:], dino_map[:, :, :2, :2].mean((-2, -1)))  # adaptive pool cell (0, 0)
+
+
+def test_cached_tower_applies_the_norm_rule_and_the_fusion(tmp_path):
     tokens = torch.randn(50, 4, 3) * torch.tensor([1.0, 10.0, 100.0]) + torch.tensor([5.0, -3.0, 0.0])
     path = write_features(tokens, tmp_path / "f.safetensors", {"seed": 0, "image_size": 64})
-    tower = CachedTower(str(path))
-    assert (tower.dim, tower.num_tokens) == (3, 4)
-    out = tower(tokens)
-    flat = out.reshape(-1, 3).double()
-    assert torch.allclose(flat.mean(0), torch.zeros(3, dtype=torch.double), atol=1e-5)
-    assert torch.allclose(flat.std(0), torch.ones(3, dtype=torch.double), atol=1e-4)
-    assert torch.equal(CachedTower(str(path), standardize=False)(tokens), tokens)
-    with pytest.raises(ValueError, match=r"expects cached tokens \[B, 4, 3\]"):
-        tower(torch.zeros(2, 5, 3))
-
-
-def test_cached_tower_whitening_decorrelates_the_channels(tmp_path):
-    torch.manual_seed(0)
-    mixing = torch.tensor([[3.0, 2.0, 0.0], [0.0, 1.5, 0.0], [0.0, 0.0, 0.05]])  # channels 0 and 1 correlate (0.8)
-    tokens = torch.randn(400, 4, 3) @ mixing + torch.tensor([5.0, -3.0, 0.0])
-    path = write_features(tokens, tmp_path / "f.safetensors", {"seed": 0, "image_size": 64})
-    flat = CachedTower(str(path), whiten=True)(tokens).reshape(-1, 3).double()
-    assert torch.allclose(flat.mean(0), torch.zeros(3, dtype=torch.double), atol=1e-4)
-    assert torch.allclose(torch.cov(flat.T), torch.eye(3, dtype=torch.double), atol=0.06)
-    plain = torch.corrcoef(CachedTower(str(path))(tokens).reshape(-1, 3).T.double())
-    assert plain[0, 1] > 0.7  # per-channel standardization alone leaves them correlated
-    blind = write_features(torch.zeros(5, 4, 3), tmp_path / "b.safetensors", {"seed": 0, "image_size": 64})
-    assert torch.equal(CachedTower(str(blind), whiten=True)(torch.zeros(2, 4, 3)), torch.zeros(2, 4, 3))
+    rows = tokens.reshape(50, -1)
+    raw = CachedTower(str(path))
+    assert (raw.dim, raw.num_tokens) == (3, 4) and torch.equal(raw(rows), tokens)
+    normed = CachedTower(str(path), norm="layernorm")(rows)
+    centred = tokens - tokens.mean(-1, keepdim=True)  # by hand: every token over its 3 channels
+    assert torch.allclose(normed, centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"expects cached feature rows \[B, 12\]"):
+        raw(torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="norm='batchnorm' is unknown"):
+        CachedTower(str(path), norm="batchnorm")
+    assert CachedTower(str(path), fusion=ResamplerFusion(num_queries=2, width=8, heads=2))(rows).shape == (50, 2, 8)
 
 
 def test_oracle_tokens_hold_the_ground_truth_of_each_quadrant():
@@ -98,11 +106,11 @@ def test_toy_source_with_features_carries_the_cached_tokens(tmp_path):
     path = write_features(tokens, tmp_path / "f.safetensors", {"seed": 0, "image_size": 64, "max_objects": 1})
     source = ToySource(seed=0, num_images=4, stage="finetune", records_per_image=3, features=str(path), max_objects=1)
     record, visual = source.record_and_image(6)
-    assert torch.equal(visual, tokens[6 % 4]) and record["image"] == 2
+    assert torch.equal(visual, tokens[6 % 4].flatten()) and record["image"] == 2
     assert len(source.dataset(lambda r, v: (r, v))) == 12
     items = ToySource(seed=0, num_images=4, stage="finetune", features=str(path), max_objects=1).eval_items()
     assert len(items) == 16 and [i.image_id for i in items[:5]] == [0, 0, 0, 0, 1]
-    assert torch.equal(items[4].load_image(), tokens[1])
+    assert torch.equal(items[4].load_image(), tokens[1].flatten())
     with pytest.raises(ValueError, match="seed, size, max_objects"):
         _ = ToySource(seed=0, num_images=4, stage="finetune", features=str(path), max_objects=4).features
 

@@ -120,6 +120,8 @@ def test_refuses_students_llava_cannot_express(tmp_path):
         vision_export(StudentTower(str(folder), layer=-2, adaptors=["clip"]))
     with pytest.raises(ExportError, match=r"grid=2.*4x4"):
         vision_export(StudentTower(str(folder), layer=-2, grid=2))
+    with pytest.raises(ExportError, match=r"norm='layernorm'.*no normalisation"):
+        vision_export(StudentTower(str(folder), layer=-2, norm="layernorm"))
     kept = vision_export(StudentTower(str(folder), layer=-2, keep_cls=True))
     assert kept["select_strategy"] == "full" and kept["feature_layer"] == -2
 

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mllm.conversation import IMAGE_TOKEN_ID
 from mllm.data import EvalItem
+from mllm.fusion import ChannelFusion
 from mllm.generate import generate_answers
 from mllm.model import LlavaModel
 from mllm.projector import build_projector
@@ -15,15 +16,17 @@ from mllm.towers import VisionTower
 
 
 class PoolTower(VisionTower):
-    """Images -> 2x2 average-pooled RGB tokens [B, 4, 3]."""
+    """Images -> 2x2 average-pooled RGB tokens [B, 4, 3] (one "encoder", one layer, channel fusion)."""
 
     def __init__(self):
         super().__init__(trainable=False)
         self.dim, self.input_size = 3, (8, 8)
+        self.fusion = ChannelFusion()
+        self.fusion.bind([3], None)
         self.register_buffer("unused", torch.zeros(1))
 
-    def tokens(self, images):
-        return F.adaptive_avg_pool2d(images, 2).flatten(2).transpose(1, 2)
+    def features(self, images):
+        return [F.adaptive_avg_pool2d(images, 2).flatten(2).transpose(1, 2)[:, None]]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,13 @@ def test_study_config_parses(path):
 
 def test_toy_study_has_towers_and_controls():
     study = load_study(ROOT / "configs/study/toy.yaml")
-    assert [v.name for v in study.variants] == ["clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student",
+    assert [v.name for v in study.variants] == ["clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino",
+                                                "ensemble_mousi", "ensemble_brave", "ensemble_comm", "student",
                                                 "student_small", "blind", "oracle"]
+    fusions = {v.name: v.tower["init_args"]["fusion"] for v in study.variants if v.kind == "ensemble"}
+    assert fusions["ensemble_brave"]["class_path"] == "mllm.fusion.ResamplerFusion"
+    assert "num_queries" not in fusions["ensemble_brave"]["init_args"]  # K = grid * grid: the common budget
+    assert study.norm == "layernorm"
     overlays = {v.name: v.distill_overlay for v in study.variants if v.kind == "student"}
     assert overlays["student"] is None
     assert Path(overlays["student_small"]).resolve() == ROOT / "configs/distill/overlays/toy_small_student.yaml"
@@ -39,7 +44,7 @@ def test_toy_study_has_towers_and_controls():
         args = v.tower.get("init_args", {})
         encoders = args.get("encoders") or ([args["encoder"]] if "encoder" in args else [])
         layers += [e["init_args"]["layer"] for e in encoders] + ([args["layer"]] if "layer" in args else [])
-    assert len(layers) == 10 and set(layers) == {-2}
+    assert len(layers) == 18 and set(layers) == {-2}
 
 
 def test_bad_study_config_names_the_problem(tmp_path):
@@ -96,11 +101,12 @@ def test_cached_stage_configs_parse_with_the_mllm_cli(tmp_path, stage):
     study = load_study(ROOT / "configs/study/toy.yaml")
     budget = with_budget(study, smoke=False)
     recipe = yaml.safe_load((ROOT / (study.align_recipe if stage == "align" else study.finetune_recipe)).read_text())
+    brave = variant_tower(next(v for v in study.variants if v.name == "ensemble_brave"), study, None)
     cfg = stage_config(recipe, stage, seed=2, steps=7, run_dir=tmp_path, features="/feat.safetensors", study=study,
-                       budget=budget)
+                       budget=budget, tower=brave)
     assert cfg["seed_everything"] == 2 and cfg["trainer"]["max_steps"] == 7
-    assert cfg["model"]["tower"] == {"class_path": "mllm.features.CachedTower",
-                                     "init_args": {"features": "/feat.safetensors", "whiten": True}}
+    assert cfg["model"]["tower"] == {"class_path": "mllm.features.CachedTower", "init_args": {
+        "features": "/feat.safetensors", "fusion": brave["init_args"]["fusion"], "grid": 2, "norm": "layernorm"}}
     train = cfg["data"]["train"]["init_args"]
     assert train["features"] == "/feat.safetensors" and train["max_objects"] == study.max_objects
     assert train["num_images"] == budget.train_images and cfg["data"]["val"] is None

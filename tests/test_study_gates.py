@@ -102,6 +102,9 @@ def test_claims_follow_owners_ensembles_and_fusion_kinds():
     assert [g for g in groups if g[0] == "(d)"] == [("(d)", "student", best, "overall"),
                                                     ("(d)", "student", "ens_a", "overall"),
                                                     ("(d)", "student", "ens_b", "overall")]
+    best_ensemble = max(("ens_a", "ens_b"), key=lambda v: correct[v].mean())
+    assert [(c["b"], c["expect"]) for c in claims if c["group"] == "(d) student vs best ensemble"] == [
+        (best_ensemble, "equivalent")]
     assert all(c["p_holm"] >= c["p"] and isinstance(c["holds"], bool) for c in claims)
 
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-VARIANTS = ["text prior", "clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "student", "student_small",
-            "blind", "oracle"]
+VARIANTS = ["text prior", "clip", "dino", "sam", "ensemble_all", "ensemble_clip_dino", "ensemble_mousi",
+            "ensemble_brave", "ensemble_comm", "student", "student_small", "blind", "oracle"]
 
 
 def run(args, env):
@@ -31,6 +31,9 @@ def test_smoke_study_end_to_end(tmp_path):
     cost = {r["variant"]: float(r["gflops_per_image"]) for r in rows if r["gflops_per_image"]}
     assert cost["ensemble_all"] > max(cost["clip"], cost["dino"], cost["sam"]) > 0  # the ensemble costs the most
     assert cost["student_small"] < cost["student"]  # the overlay's narrower student (configs/distill/overlays)
+    fusion = {r["variant"]: float(r["fusion_params_m"]) for r in rows if r["fusion_params_m"]}
+    assert fusion["ensemble_all"] == fusion["clip"] == 0 and min(fusion[v] for v in (
+        "ensemble_mousi", "ensemble_brave", "ensemble_comm")) > 0  # trainable fusions count in the cost columns
     assert all(rows[i]["probe_shape"] for i in range(1, len(VARIANTS)))  # every variant was probed
     exports = sorted(out.glob("distill-*-seed0/export/config.json"))
     assert len(exports) == 2  # one distillation per student variant, each with its own recipe key

@@ -37,11 +37,13 @@ def select_variants(study: Study, only: list[str] | None) -> list[Variant]:
 
 
 def variant_tower(variant: Variant, study: Study, student: str | None) -> dict:
-    """The variant's tower config with the common grid and the student path filled in."""
+    """The variant's tower config with the common grid, the study's normalisation rule and the student path
+    filled in."""
     tower = copy.deepcopy(variant.tower)
     args = tower.setdefault("init_args", {})
     if study.grid is not None:
         args["grid"] = study.grid
+    args["norm"] = study.norm
     if args.get("path") == STUDENT_PLACEHOLDER:
         if student is None:
             raise ValueError(f"variant {variant.name!r} needs the distilled student, but none was given or distilled.")

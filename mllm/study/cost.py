@@ -1,7 +1,11 @@
 """Cost of a vision tower: parameters, GFLOPs per image (torch.utils.flop_counter) and measured
 milliseconds per image.
 
-    cost = tower_cost(tower, image_size=64)   # {"tower_params_m": ..., "gflops_per_image": ..., "ms_per_image": ...}
+    cost = tower_cost(tower, image_size=64)   # {"tower_params_m": ..., "gflops_per_image": ..., "ms_per_image": ...,
+                                              #  "fusion_params_m": ..., "fusion_gflops_per_image": ...}
+
+The tower's totals include its fusion module (mllm/fusion.py); `fusion_*` give the fusion's own share (the part
+that trains, and the only tower part a cached-feature run pays for).
 
 FLOPs convention (torch's counter): 2 x multiply-accumulates of the matrix products and convolutions
 (linear / matmul / bmm / conv / attention QK^T and attention x V); norms, softmax, activations and adds
@@ -40,6 +44,20 @@ def exact_flop_context() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
+@contextlib.contextmanager
+def without_grad(module: nn.Module) -> Iterator[None]:
+    """Every parameter of `module` with requires_grad off, restored after: torch's flop counter (its module
+    tracker) fails on trainable parameters (a fusion's learned queries) in no-grad / inference mode."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 @torch.inference_mode()
 def count_flops(module: nn.Module, *inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
     """(total FLOPs, FLOPs per aten op) of one forward pass `module(*inputs)` under `exact_flop_context`."""
@@ -71,15 +89,26 @@ def ms_per_image(tower: nn.Module, images: torch.Tensor, repeats: int = 5, warmu
 
 
 def tower_cost(tower: nn.Module, image_size: int, batch_size: int = 8, repeats: int = 5) -> dict[str, float]:
-    """Parameters (millions), GFLOPs per image and ms per image of `tower` on random [0, 1] images."""
+    """Parameters (millions), GFLOPs per image and ms per image of `tower` on random [0, 1] images, and the
+    parameters and GFLOPs of its fusion module alone (0 for a tower without one)."""
     was_training = tower.training
     tower.eval()
     images = torch.rand(batch_size, 3, image_size, image_size)
     try:
-        return {
-            "tower_params_m": count_params(tower) / 1e6,
-            "gflops_per_image": gflops_per_image(tower, images),
-            "ms_per_image": ms_per_image(tower, images, repeats=repeats),
-        }
+        with without_grad(tower):
+            cost = {
+                "tower_params_m": count_params(tower) / 1e6,
+                "gflops_per_image": gflops_per_image(tower, images),
+                "ms_per_image": ms_per_image(tower, images, repeats=repeats),
+                "fusion_params_m": 0.0,
+                "fusion_gflops_per_image": 0.0,
+            }
+            fusion = getattr(tower, "fusion", None)
+            if fusion is not None:
+                with torch.inference_mode():
+                    features = tower.features(images)
+                cost["fusion_params_m"] = count_params(fusion) / 1e6
+                cost["fusion_gflops_per_image"] = count_flops(tower.fuse, features)[0] / batch_size / 1e9
+        return cost
     finally:
         tower.train(was_training)

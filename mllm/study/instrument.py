@@ -46,31 +46,40 @@ class Features:
             self._towers[key] = build_tower(config)
         return self._towers[key]
 
+    def tower_config(self, variant: Variant, seed: int) -> dict | None:
+        """The variant's live tower config (grid, norm and student filled in); None for a control."""
+        if variant.kind == "control":
+            return None
+        student = self.students.get(variant.name, {}).get(seed) if variant.kind == "student" else None
+        return variant_tower(variant, self.study, student)
+
     def paths(self, variant: Variant, seed: int) -> dict[int, str]:
         """{world seed: cache file} for the training (0) and held-out (1000) images; measures the tower's
-        cost (parameters, GFLOPs, ms per image) the first time a variant is seen."""
-        from mllm.features import blind_tokens, oracle_tokens, tower_tokens
+        cost (parameters, GFLOPs, ms per image, its fusion's share) the first time a variant is seen."""
+        from mllm.features import blind_tokens, oracle_tokens, tower_features
 
         size, grid = self.study.image_size, self.study.grid or 8
         if variant.kind == "control":
             config = {"control": variant.control, "grid": grid}
             make = {"blind": lambda world, n: blind_tokens(n, grid),
                     "oracle": lambda world, n: oracle_tokens(world, n, size, grid, self.study.max_objects)}[variant.control]
-            self.costs.setdefault(variant.name, {"tower_params_m": 0.0, "gflops_per_image": 0.0, "ms_per_image": 0.0})
+            self.costs.setdefault(variant.name, {"tower_params_m": 0.0, "gflops_per_image": 0.0, "ms_per_image": 0.0,
+                                                 "fusion_params_m": 0.0, "fusion_gflops_per_image": 0.0})
         else:
-            student = self.students.get(variant.name, {}).get(seed) if variant.kind == "student" else None
-            config = variant_tower(variant, self.study, student)
+            tower_config = self.tower_config(variant, seed)
+            tower = self.tower(tower_config)
             if variant.name not in self.costs:
-                self.costs[variant.name] = tower_cost(self.tower(config), size)
+                self.costs[variant.name] = tower_cost(tower, size)
+            config = features_config(tower_config, tower)
 
             def make(world: int, n: int) -> torch.Tensor:
-                return tower_tokens(self.tower(config), self.images(world), desc=f"{variant.name} tokens")
+                return tower_features(tower, self.images(world), desc=f"{variant.name} features")
         return self._cache(variant.name, config, make)
 
     def untrained_paths(self, variant: Variant) -> dict[int, str]:
         """Cache files of the probe control `untrained_<variant>`: the single tower's config with every weight
         re-initialised (mllm/study/reinit.py, seed `probe_controls.seed`)."""
-        from mllm.features import tower_tokens
+        from mllm.features import tower_features
         from mllm.study.reinit import reinit_weights
 
         seed = self.study.probe_controls.seed
@@ -82,7 +91,7 @@ class Features:
             if not built:
                 built.append(build_tower(tower_config))
                 reinit_weights(built[0], seed)
-            return tower_tokens(built[0], self.images(world), desc=f"untrained_{variant.name} tokens")
+            return tower_features(built[0], self.images(world), desc=f"untrained_{variant.name} features")
         return self._cache(f"untrained_{variant.name}", config, make)
 
     def pixel_paths(self) -> dict[int, str]:
@@ -105,26 +114,32 @@ class Features:
         return out
 
 
+def features_config(tower_config: dict, tower) -> dict:
+    """What a tower's cached features depend on: its config without the fusion's own settings and the norm (both
+    applied after the cache), but with the layers and grids the fusion asks the encoders for, so the cache key
+    changes only when the cached features do."""
+    import copy
+
+    config = copy.deepcopy(tower_config)
+    args = config.get("init_args", {})
+    args.pop("norm", None)
+    if "fusion" in args:
+        fusion = tower.fusion
+        args["fusion"] = {"layers": fusion.layers, "input_sizes": fusion.input_sizes(args.get("grid"), [(-1, -1)] * len(tower.dims))}
+    return config
+
+
 def probe_variant(paths: dict[int, str], study: Study, budget: Budget, objects: dict[int, list]) -> dict[str, float]:
     """Ridge-probe accuracies of a variant's cached tokens (mllm/study/probes.py)."""
     from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
-    from mllm.features import load_features
+    from mllm.features import features_info, grid_tokens, load_features
     from mllm.study.probes import probe_accuracies
 
-    train = load_features(paths[TRAIN_SEED], TRAIN_SEED, study.image_size, budget.probe_images, study.max_objects)
-    test = load_features(paths[HELDOUT_SEED], HELDOUT_SEED, study.image_size, budget.eval_images, study.max_objects)
-    return probe_accuracies(train, objects[TRAIN_SEED], test, objects[HELDOUT_SEED], study.grid or 8)
-
-
-def probe_variant(paths: dict[int, str], study: Study, budget: Budget, objects: dict[int, list]) -> dict[str, float]:
-    """Ridge-probe accuracies of a variant's cached tokens (mllm/study/probes.py)."""
-    from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
-    from mllm.features import load_features
-    from mllm.study.probes import probe_accuracies
-
-    train = load_features(paths[TRAIN_SEED], TRAIN_SEED, study.image_size, budget.probe_images, study.max_objects)
-    test = load_features(paths[HELDOUT_SEED], HELDOUT_SEED, study.image_size, budget.eval_images, study.max_objects)
-    return probe_accuracies(train, objects[TRAIN_SEED], test, objects[HELDOUT_SEED], study.grid or 8)
+    grid = study.grid or 8
+    train, test = (grid_tokens(load_features(paths[world], world, study.image_size, count, study.max_objects),
+                               features_info(paths[world])["parts"], grid)
+                   for world, count in ((TRAIN_SEED, budget.probe_images), (HELDOUT_SEED, budget.eval_images)))
+    return probe_accuracies(train, objects[TRAIN_SEED], test, objects[HELDOUT_SEED], grid)
 
 
 def questions(study: Study, budget: Budget) -> list[dict]:

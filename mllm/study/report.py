@@ -31,7 +31,7 @@ from mllm.study.claims import EQUIVALENCE_MARGIN, build_claims, weak_links
 from mllm.study.gates import mean_probes, reader_gate, skill_gate, skill_table
 from mllm.study.stats import ALPHA, accuracy_ci
 GATE_BLIND_SLACK, GATE_ORACLE_MIN = 0.02, 0.90
-COST_KEYS = ("tower_params_m", "gflops_per_image", "ms_per_image")
+COST_KEYS = ("tower_params_m", "gflops_per_image", "ms_per_image", "fusion_params_m", "fusion_gflops_per_image")
 
 
 def cpu_model() -> str:
@@ -119,15 +119,15 @@ def header(study, budget, smoke: bool, seconds: float | None) -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     if study.eval_json:
         data = (f"{budget.align_steps} align + {budget.finetune_steps} finetune steps on the recipes' data, seeds "
-                f"0..{budget.seeds - 1}, {grid}. Scored: greedy answers to `{study.eval_json}`, each by its reference "
-                "(multiple choice, yes/no, exact match).")
+                f"0..{budget.seeds - 1}, {grid}, `norm: {study.norm}`. Scored: greedy answers to `{study.eval_json}`, "
+                "each by its reference (multiple choice, yes/no, exact match).")
     else:
         data = (f"{budget.align_steps} align + {budget.finetune_steps} finetune steps on the cached tokens of "
                 f"{budget.train_images} training images (toy world, at most {study.max_objects} object(s) per image), "
-                f"seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every tower (the student's too), tokens "
-                f"standardized per channel. Scored: every question kind for every object of {budget.eval_images} "
-                f"held-out images (seed {HELDOUT_SEED}), answered by ranking the candidate answers' likelihood (sum of "
-                f"answer-token log-probs). {toy_build()}")
+                f"seeds 0..{budget.seeds - 1}, {grid}, feature layer −2 for every tower (the student's too), every "
+                f"encoder's tokens normalised by the rule `norm: {study.norm}`. Scored: every question kind for every "
+                f"object of {budget.eval_images} held-out images (seed {HELDOUT_SEED}), answered by ranking the candidate "
+                f"answers' likelihood (sum of answer-token log-probs). {toy_build()}")
     return "\n".join([
         "# unitower baseline study" + (" (smoke)" if smoke else ""),
         "",
@@ -191,14 +191,16 @@ def write_report(records: list[dict], items: list[dict], prior: list[int] | None
 
 
 def accuracy_markdown(table: dict, costs: dict, records: list[dict], kinds: list[str]) -> str:
-    head = ["variant", "overall", *kinds, "tower params (M)", "GFLOPs/img", "ms/img", "finetune it/s", "seeds"]
+    head = ["variant", "overall", *kinds, "tower params (M)", "GFLOPs/img", "ms/img", "fusion params (M)",
+            "fusion GFLOPs/img", "finetune it/s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in table.items():
         runs = [r for r in records if r["variant"] == name and r["status"] == "ok"]
         cost = costs.get(name, {})
         speed = [r["finetune_steps_per_s"] for r in runs if r.get("finetune_steps_per_s")]
         cells = [name, *(_ci(row.get(k)) for k in ("overall", *kinds))]
-        cells += [f"{cost[k]:.3f}" if k in cost else "–" for k in COST_KEYS]
+        cells += [f"{cost[k]:.4g}" if k.startswith("fusion") and k in cost else f"{cost[k]:.3f}" if k in cost else "–"
+                  for k in COST_KEYS]
         cells += [f"{np.mean(speed):.1f}" if speed else "–", str(len(runs)) if runs else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -5,8 +5,8 @@ held-out questions by likelihood, and write the report with paired statistics.
 Variants: towers (single encoders, ensembles, the student) and two controls with no tower: `blind`
 (constant tokens) and `oracle` (tokens built from the generator's ground truth), both from
 mllm/study/instrument.py. Towers are frozen, so their tokens for the training and evaluation images are
-computed once (mllm/features.py) and the LLaVA loop pays only for projector + LM; every variant, seed and
-control uses the same recipes, steps, data order and questions.
+computed once (mllm/features.py) and the LLaVA loop pays only for the fusion module (if any) + projector + LM;
+every variant, seed and control uses the same recipes, steps, data order and questions.
 
 Layout of OUT: features/ (cached tokens), distill-<key>-seed<k>/ (student runs + exports),
 runs/<variant>/seed<k>-<key>/ (align.yaml, finetune.yaml, eval.json, record.json: written last, so a run
@@ -34,12 +34,22 @@ from mllm.study.instrument import Features, probe_variant, questions, text_prior
 from mllm.study.common import config_key, fit, quiet_libraries, steps_per_second, write_yaml
 
 
+def cached_tower(features: str, tower: dict | None, study: Study) -> dict:
+    """The CachedTower config that applies `tower`'s fusion, grid and norm (a control: no tower, "channel") to the
+    cached features."""
+    args = (tower or {}).get("init_args", {})
+    return {"class_path": "mllm.features.CachedTower",
+            "init_args": {"features": features, "fusion": copy.deepcopy(args.get("fusion", "channel")),
+                          "grid": args.get("grid", study.grid), "norm": args.get("norm", study.norm)}}
+
+
 def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path, features: str,
-                 study: Study, budget: Budget) -> dict:
-    """The recipe on cached tokens: CachedTower, the training world with `features`, this seed and steps."""
+                 study: Study, budget: Budget, tower: dict | None = None) -> dict:
+    """The recipe on cached features: a CachedTower with the variant `tower`'s fusion and norm (None: a control),
+    the training world with `features`, this seed and steps."""
     cfg = copy.deepcopy(recipe)
     cfg["seed_everything"] = seed
-    cfg["model"]["tower"] = {"class_path": "mllm.features.CachedTower", "init_args": {"features": features, "whiten": True}}
+    cfg["model"]["tower"] = cached_tower(features, tower, study)
     trainer = cfg.setdefault("trainer", {})
     trainer.update(
         max_steps=steps, default_root_dir=str(run_dir / stage), limit_val_batches=0, enable_progress_bar=False,
@@ -60,7 +70,7 @@ def stage_config(recipe: dict, stage: str, seed: int, steps: int, run_dir: Path,
 
 
 def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study, budget: Budget,
-                out_dir: Path, force: bool) -> dict:
+                out_dir: Path, force: bool, tower: dict | None = None) -> dict:
     """Train align + finetune on cached tokens, score the held-out questions; return (and store) the record."""
     from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
     from mllm.data import ToySource
@@ -70,7 +80,7 @@ def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study
     align_recipe = yaml.safe_load(Path(study.align_recipe).read_text())
     finetune_recipe = yaml.safe_load(Path(study.finetune_recipe).read_text())
     key = config_key(paths, align_recipe, finetune_recipe, seed, budget.align_steps, budget.finetune_steps,
-                     budget.records_per_image, budget.eval_images)
+                     budget.records_per_image, budget.eval_images, cached_tower("", tower, study))
     run_dir = out_dir / "runs" / variant.name / f"seed{seed}-{key}"
     record_file = run_dir / "record.json"
     if record_file.is_file() and not force:
@@ -78,13 +88,14 @@ def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study
     record = {"variant": variant.name, "kind": variant.kind, "seed": seed, "run_dir": str(run_dir)}
     started = time.time()
     try:
-        align = stage_config(align_recipe, "align", seed, budget.align_steps, run_dir, paths[TRAIN_SEED], study, budget)
+        align = stage_config(align_recipe, "align", seed, budget.align_steps, run_dir, paths[TRAIN_SEED], study, budget,
+                             tower)
         align["model"]["init_from"] = None
         align_cli = fit(write_yaml(align, run_dir / "align.yaml"))
         align_ckpt = run_dir / "align.ckpt"
         align_cli.trainer.save_checkpoint(align_ckpt, weights_only=True)
         finetune = stage_config(finetune_recipe, "finetune", seed, budget.finetune_steps, run_dir, paths[TRAIN_SEED],
-                                study, budget)
+                                study, budget, tower)
         finetune["model"]["init_from"] = str(align_ckpt)
         cli = fit(write_yaml(finetune, run_dir / "finetune.yaml"))
         align_ckpt.unlink(missing_ok=True)  # the finetuned weights are what the study scores
@@ -100,6 +111,7 @@ def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study
         record.update(
             status="ok", error=None, accuracy=float(np.mean(correct)), train_seconds=train_seconds,
             eval_seconds=time.time() - started - train_seconds, projector_params=count_params(model.projector),
+            fusion_params=count_params(model.tower.fusion),
             visual_tokens=model.tower.num_tokens, align_steps_per_s=steps_per_second(align_cli),
             finetune_steps_per_s=steps_per_second(cli),
         )
@@ -137,7 +149,8 @@ def in_workers(function, jobs: list[tuple], workers: int, profile: str, done) ->
             done(futures[future], future.result())
 
 
-def run_jobs(jobs: list[tuple[Variant, int, dict]], study: Study, budget: Budget, out_dir: Path, force: bool) -> list[dict]:
+def run_jobs(jobs: list[tuple[Variant, int, dict, dict | None]], study: Study, budget: Budget, out_dir: Path,
+             force: bool) -> list[dict]:
     """Every (variant, seed) LLaVA run, `budget.workers` at a time (`in_workers`)."""
     records: list[dict | None] = [None] * len(jobs)
     progress = tqdm(total=len(jobs), desc="study runs", unit="run")
@@ -148,7 +161,8 @@ def run_jobs(jobs: list[tuple[Variant, int, dict]], study: Study, budget: Budget
         tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
                    + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
 
-    in_workers(run_variant, [(variant, seed, paths, study, budget, out_dir, force) for variant, seed, paths in jobs],
+    in_workers(run_variant, [(variant, seed, paths, study, budget, out_dir, force, tower)
+                             for variant, seed, paths, tower in jobs],
                budget.workers, budget.toy_profile, done)
     progress.close()
     return records
@@ -249,7 +263,7 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
             phases["features"] += time.time() - clock
             if variant.kind == "student" or seed == 0:
                 measure(variant.name, paths)
-            jobs.append((variant, seed, paths))
+            jobs.append((variant, seed, paths, features.tower_config(variant, seed)))
     for variant in (v for v in variants if v.name in study.probe_controls.untrained):  # probe-only controls
         clock = time.time()
         paths = features.untrained_paths(variant)
