@@ -325,7 +325,7 @@ def test_mllm_llava_json_faults(tmp_path, tokenizer_dir):
     gray = source.load_image(records[7])
     assert abs(np.asarray(gray).mean() / 255 - 0.38) < 1 / 255
     items = source.eval_items()  # evaluation never drops a question silently: a broken image is an error
-    with pytest.raises(ValueError, match=r"evaluation skipping .*data.json record s4 image .*truncated.jpg: undecodable image"):
+    with pytest.raises(ValueError, match=r"evaluation record .*data.json record 4 \(id s4\) image .*truncated.jpg: undecodable image"):
         items[4].load_image()
     (tmp_path / "bad.json").write_text('[{"id": "0", "conversations": []},\n {"id": ')
     with pytest.raises(ValueError, match=r"bad.json: malformed JSON at line 2, column 9: Expecting value"):
