@@ -114,16 +114,20 @@ class LlavaModule(L.LightningModule):
         self.data_settings: dict = {}
 
     def on_fit_start(self) -> None:
-        # after a resumed checkpoint or init_from is loaded (both hold the statistics), so they are measured once
+        # runs after a resumed checkpoint is restored and after init_from (both hold the statistics): measured once
+        if self.model.tower.needs_calibration:
+            self.calibrate_tower(getattr(self.trainer, "datamodule", None))
+
+    def calibrate_tower(self, datamodule) -> None:
+        """Measure the tower's "standardize" / "whiten" statistics on the first `norm_calibration_images` training
+        records of `datamodule` (a LlavaDataModule; its calibration_loader)."""
         tower = self.model.tower
-        if tower.needs_calibration:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if not hasattr(datamodule, "calibration_loader"):
-                raise ValueError(f"{type(tower).__name__}(norm='{tower.norm}') must measure its statistics on training "
-                                 "images, but the trainer has no LlavaDataModule; fit with one, or call "
-                                 "tower.calibrate(...) first.")
-            loader = datamodule.calibration_loader(self.hparams.get("norm_calibration_images", 2048))
-            tower.calibrate(_raw_features(tower, loader, self.device))
+        if not hasattr(datamodule, "calibration_loader"):
+            raise ValueError(f"{type(tower).__name__}(norm='{tower.norm}') must measure its statistics on training "
+                             "images, but the trainer has no LlavaDataModule; fit with one, or call "
+                             "module.calibrate_tower(datamodule) first.")
+        loader = datamodule.calibration_loader(self.hparams.get("norm_calibration_images", 2048))
+        tower.calibrate(_raw_features(tower, loader, self.device))
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"]).loss
