@@ -2,14 +2,15 @@
 in checkpoints): the tower `norm` rules "standardize" and "whiten" (mllm/towers.py).
 
     stats = TokenStats(channels=768, whiten=True)
-    stats.fit(features)          # features [..., 768] of the calibration images (every token a sample)
+    stats.fit(features)          # features [..., 768] of the calibration images (every token a sample), or their
+                                 # Moments added batch by batch (what VisionTower.calibrate does)
     tokens = stats(features)     # (x - mean) / std, then @ ZCA matrix when `whiten`
 
 standardize: every channel z-scored with the calibration tokens' mean and std (std floored at 1e-6).
 whiten: after standardizing, the channels are decorrelated with the symmetric ZCA matrix
 W = U diag(1 / sqrt(s + floor)) U^T of the standardized tokens' covariance (eigenvalues s, floor = WHITEN_FLOOR
 x their mean): identity covariance on the calibration set, near-empty directions not blown up. The math (float64
-fit, floor 0.01) is the old cached path's, which gave the toy study's oracle 0.950 on seed 0 (README).
+moments, floor 0.01) is the old cached path's, which gave the toy study's oracle 0.950 on seed 0 (README).
 """
 
 from __future__ import annotations
