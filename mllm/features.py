@@ -6,7 +6,7 @@ them once per (tower, image set) and the LLaVA loop then pays only for fusion + 
     path = cache_features(lambda: tower_features(tower, images), "clip", tower_config, seed=0, num_images=8000,
                           image_size=64, folder="runs/features")
     source = ToySource(seed=0, num_images=8000, stage="finetune", features=str(path))
-    model = LlavaModel(CachedTower(str(path), fusion="channel", norm="whiten"), lm)
+    model = LlavaModel(CachedTower(str(path), fusion="channel", norm="standardize"), lm)
 
 What is stored is the tower's `features` (mllm/towers.py): one tensor [num_images, L_i, N_i, C_i] per
 encoder (L_i layers where the fusion asks for several), before normalisation and fusion. CachedTower applies
