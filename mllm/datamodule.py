@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from distill.common.skips import DataSkips
 from distill.data.resumable import (
@@ -115,6 +115,16 @@ class LlavaDataModule(CountedResumableData):
             rank=rank, world_size=world_size, consumed=consumed_batches(self.trainer),
             replay=deterministic_stream(self.train_source),
         )
+
+    def calibration_loader(self, num_images: int) -> DataLoader:
+        """The first `num_images` training records in source order (not shuffled, whatever the seed, the same for
+        the live and the cached-feature source of one world): what a tower's "standardize" / "whiten" statistics
+        are measured on (LlavaModule.on_fit_start)."""
+        self.setup("fit")
+        dataset = self.train_source.dataset(self.encoder)
+        subset = Subset(dataset, range(min(num_images, len(dataset))))
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=self._collate())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_source is None:

@@ -6,7 +6,7 @@ them once per (tower, image set) and the LLaVA loop then pays only for fusion + 
     path = cache_features(lambda: tower_features(tower, images), "clip", tower_config, seed=0, num_images=8000,
                           image_size=64, folder="runs/features")
     source = ToySource(seed=0, num_images=8000, stage="finetune", features=str(path))
-    model = LlavaModel(CachedTower(str(path), fusion="channel", norm="layernorm"), lm)
+    model = LlavaModel(CachedTower(str(path), fusion="channel", norm="standardize"), lm)
 
 What is stored is the tower's `features` (mllm/towers.py): one tensor [num_images, L_i, N_i, C_i] per
 encoder (L_i layers where the fusion asks for several), before normalisation and fusion. CachedTower applies
@@ -176,7 +176,8 @@ class CachedTower(VisionTower):
         fusion: the live tower's fusion (a registered name or an mllm.fusion.Fusion config); "channel" for a
             single encoder passes its tokens through.
         grid: the live tower's `grid` (the resampler's K = grid*grid); the cached maps are already resampled.
-        norm: the live tower's `norm` ("none" or "layernorm").
+        norm: the live tower's `norm` ("none", "layernorm", "standardize" or "whiten"); the last two measure their
+            statistics on the same calibration images as the live tower would (LlavaModule), so both agree.
     """
 
     def __init__(self, features: str, fusion: Fusion | str = "channel", grid: int | None = None,
@@ -194,6 +195,7 @@ class CachedTower(VisionTower):
                                  f"holds {held} layers per encoder; cache the features with the same fusion config.")
         self.fusion.bind([p["dim"] for p in self.parts], grid)
         self.dim = self.fusion.dim
+        self._init_token_stats([(p["layers"], p["dim"]) for p in self.parts])
         self.row_size = sum(p["layers"] * p["tokens"] * p["dim"] for p in self.parts)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -207,8 +209,8 @@ class CachedTower(VisionTower):
         if self._num_tokens is None:
             parameter = next(self.parameters(), None)
             row = torch.zeros(1, self.row_size, device=parameter.device if parameter is not None else "cpu")
-            with torch.inference_mode():
-                self._num_tokens = int(self.fuse(self.features(row)).shape[1])
+            with torch.inference_mode():  # the norm rule keeps shapes (and may not be calibrated yet)
+                self._num_tokens = int(self.fusion(self.features(row)).shape[1])
         return self._num_tokens
 
 

@@ -63,6 +63,10 @@ class LlavaModule(L.LightningModule):
         lora: LoRA options for the finetune stage; None = full finetuning.
         chat_template: template name/string (CLI-linked to the data); None = the tokenizer's own.
         gradient_checkpointing: recompute LM activations in backward to save memory.
+        norm_calibration_images: for a tower with norm "standardize" / "whiten": how many training records (the
+            training source's first ones, in order, whatever the seed) measure its statistics at the start of the
+            first stage, when neither `init_from` nor the resumed checkpoint holds them. The live and the cached
+            path read the same images, so they measure the same statistics.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class LlavaModule(L.LightningModule):
         lora: LoraOptions | None = None,
         chat_template: str | None = None,
         gradient_checkpointing: bool = False,
+        norm_calibration_images: int = 2048,
     ) -> None:
         super().__init__()
         if stage not in ("align", "finetune"):
@@ -107,6 +112,22 @@ class LlavaModule(L.LightningModule):
         # Image size, padding, template, ... of the training data (LlavaDataModule.data_settings); saved into
         # checkpoints so `python -m mllm evaluate` reproduces them.
         self.data_settings: dict = {}
+
+    def on_fit_start(self) -> None:
+        # runs after a resumed checkpoint is restored and after init_from (both hold the statistics): measured once
+        if self.model.tower.needs_calibration:
+            self.calibrate_tower(getattr(self.trainer, "datamodule", None))
+
+    def calibrate_tower(self, datamodule) -> None:
+        """Measure the tower's "standardize" / "whiten" statistics on the first `norm_calibration_images` training
+        records of `datamodule` (a LlavaDataModule; its calibration_loader)."""
+        tower = self.model.tower
+        if not hasattr(datamodule, "calibration_loader"):
+            raise ValueError(f"{type(tower).__name__}(norm='{tower.norm}') must measure its statistics on training "
+                             "images, but the trainer has no LlavaDataModule; fit with one, or call "
+                             "module.calibrate_tower(datamodule) first.")
+        loader = datamodule.calibration_loader(self.hparams.get("norm_calibration_images", 2048))
+        tower.calibrate(_raw_features(tower, loader, self.device))
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"]).loss
@@ -154,9 +175,13 @@ class LlavaModule(L.LightningModule):
     def trained_parameter_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
+    def token_stats_names(self) -> set[str]:
+        """The tower's measured normalisation statistics (TokenStats buffers): saved with the trained weights."""
+        return {name for name, _ in self.named_buffers() if ".token_stats." in name}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trained = self.trained_parameter_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        kept = self.trained_parameter_names() | self.token_stats_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(datamodule, "data_settings"):
             self.data_settings = datamodule.data_settings()
@@ -166,6 +191,19 @@ class LlavaModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         _check_keys(self, checkpoint["state_dict"], "checkpoint")
         self.data_settings = dict(checkpoint.get("data_settings") or {})
+
+
+@torch.no_grad()
+def _raw_features(tower: VisionTower, loader, device: torch.device):
+    """The tower's raw `features` of each batch of `loader` (pixels for a live tower, cached rows for CachedTower)."""
+    was_training = tower.training
+    tower.eval()
+    try:
+        for batch in loader:
+            if batch["images"] is not None:
+                yield [f.float() for f in tower.features(batch["images"].to(device))]
+    finally:
+        tower.train(was_training)
 
 
 def _with_lora(lm: torch.nn.Module, lora: LoraOptions) -> torch.nn.Module:

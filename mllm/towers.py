@@ -12,9 +12,15 @@ parameters). The cached-feature path (mllm/features.py CachedTower) stores `feat
 `fuse`, so both paths hand the projector the same tokens.
 
 Every tower takes `grid` (resample to grid x grid tokens, so all variants can get the same visual-token
-budget), `trainable` (False: frozen encoders, eval mode, run under inference mode) and `norm`:
-"none" (raw features) or "layernorm" (every token of every encoder and layer normalised over its channels,
-without affine parameters, as RADIO's users found LLaVA needs; see `normalize_features`).
+budget), `trainable` (False: frozen encoders, eval mode, run under inference mode) and `norm`, applied to every
+encoder (and layer) separately:
+    "none"         raw features;
+    "layernorm"    every token normalised over its channels, without affine parameters (`normalize_features`);
+    "standardize"  every channel z-scored with fixed statistics measured once on calibration images;
+    "whiten"       standardized, then ZCA-whitened (identity channel covariance on the calibration images).
+The last two hold mllm/token_stats.py TokenStats buffers (in `token_stats`, saved in checkpoints), measured by
+`calibrate` (LlavaModule does it at the start of the first stage, on the first training records, so the live and
+the cached path measure the same statistics).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import nn
 from distill.encoders.base import Encoder
 from distill.exported import StudentEncoder
 from mllm.fusion import ChannelFusion, Fusion, build_fusion
+from mllm.token_stats import Moments, TokenStats
 
 
 def resample_grid(dense: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -37,12 +44,14 @@ def resample_grid(dense: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(dense, size=size, mode="bilinear", align_corners=False)
 
 
-NORMS = ("none", "layernorm")
+NORMS = ("none", "layernorm", "standardize", "whiten")
+STATS_NORMS = ("standardize", "whiten")  # rules with statistics measured once (TokenStats)
 
 
 def normalize_features(features: torch.Tensor, norm: str) -> torch.Tensor:
-    """One encoder's features [..., C] under the tower rule `norm`: "none" as they are, "layernorm" each token
-    normalised over its C channels (zero mean, unit variance, eps 1e-6, no affine parameters)."""
+    """One encoder's features [..., C] under a stateless tower rule `norm`: "none" as they are, "layernorm" each
+    token normalised over its C channels (zero mean, unit variance, eps 1e-6, no affine parameters). The rules with
+    measured statistics ("standardize", "whiten") are the tower's TokenStats."""
     if norm == "none":
         return features
     if norm == "layernorm":
@@ -65,13 +74,56 @@ class VisionTower(nn.Module):
         self.trainable = trainable
         self.norm = norm
         self._num_tokens: int | None = None
+        self.token_stats: nn.ModuleList | None = None
+
+    def _init_token_stats(self, parts: list[tuple[int, int]]) -> None:
+        """One TokenStats per (part, layer) for the "standardize" / "whiten" rules; `parts` = (layers, channels) of
+        each raw feature tensor, known from the encoders (or the cache file) before any image is seen."""
+        if self.norm not in STATS_NORMS:
+            return
+        name = type(self).__name__
+        self.token_stats = nn.ModuleList(
+            nn.ModuleList(TokenStats(channels, self.norm == "whiten", f"{name}(norm='{self.norm}') part {i} layer {l}")
+                          for l in range(layers))
+            for i, (layers, channels) in enumerate(parts))
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the `norm` rule has statistics that were not measured (nor loaded) yet."""
+        return self.token_stats is not None and not all(bool(s.calibrated) for part in self.token_stats for s in part)
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        """Measure the "standardize" / "whiten" statistics from raw features: `batches` yields, per batch of
+        calibration images, this tower's `features(...)` (one [B, L_i, N_i, C_i] per part)."""
+        if self.token_stats is None:
+            raise ValueError(f"{type(self).__name__}(norm='{self.norm}') has no statistics to calibrate; only norm "
+                             f"{STATS_NORMS} measures them.")
+        moments = [[Moments(s.channels) for s in part] for part in self.token_stats]
+        for features in batches:
+            if len(features) != len(moments):
+                raise ValueError(f"{type(self).__name__}.calibrate: got {len(features)} feature parts, the tower has "
+                                 f"{len(moments)}; pass the tower's own `features(images)`.")
+            for part, part_moments in zip(features, moments):
+                for layer, layer_moments in enumerate(part_moments):
+                    layer_moments.add(part[:, layer])
+        for part, part_moments in zip(self.token_stats, moments):
+            for stats, layer_moments in zip(part, part_moments):
+                stats.fit(layer_moments)
+
+    def normalize(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The `norm` rule applied to raw per-part features [B, L_i, N_i, C_i] (each part and layer separately)."""
+        if self.token_stats is None:
+            return [normalize_features(f, self.norm) for f in features]
+        return [torch.stack([stats(f[:, layer]) for layer, stats in enumerate(part)], dim=1)
+                for f, part in zip(features, self.token_stats)]
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def fuse(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Tokens [B, N, dim] from raw per-encoder features: the `norm` rule, then the fusion module."""
-        return self.fusion([normalize_features(f, self.norm) for f in features])
+        return self.fusion(self.normalize(features))
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.features(images))
@@ -90,8 +142,8 @@ class VisionTower(nn.Module):
         if self._num_tokens is None:
             parameter = next(self.parameters(), None)
             probe = torch.zeros(1, 3, *self.input_size, device=parameter.device if parameter is not None else "cpu")
-            with torch.inference_mode():
-                self._num_tokens = int(self.tokens(probe).shape[1])
+            with torch.inference_mode():  # the norm rule keeps shapes (and may not be calibrated yet)
+                self._num_tokens = int(self.fusion(self.features(probe)).shape[1])
         return self._num_tokens
 
     def _set_trainable(self, encoders: list[Encoder]) -> None:
@@ -138,7 +190,7 @@ class SingleEncoderTower(VisionTower):
         keep_cls: prepend the encoder's summary token (needs summary_dim == dense_dim, e.g. a ViT CLS).
         grid: resample the dense map to grid x grid tokens; None keeps the encoder's own grid.
         trainable: train the encoder too; False freezes it (eval mode, inference mode).
-        norm: "none" or "layernorm" (see the module docstring).
+        norm: "none", "layernorm", "standardize" or "whiten" (see the module docstring).
     """
 
     def __init__(self, encoder: Encoder, keep_cls: bool = False, grid: int | None = None, trainable: bool = False,
@@ -157,6 +209,7 @@ class SingleEncoderTower(VisionTower):
         self.fusion.bind([encoder.dense_dim], grid)
         self.dim = encoder.dense_dim
         self.input_size = tuple(encoder.input_size)
+        self._init_token_stats([(1, encoder.dense_dim)])
         self._set_trainable([encoder])
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -186,7 +239,8 @@ class EnsembleTower(VisionTower):
         grid: token grid side; None = the smallest grid among the encoders (channel, multilayer) or each own
             grid (sequence, expert_mlp). The resampler reads its `input_grid` and returns grid*grid queries.
         trainable: train the encoders too; False freezes them.
-        norm: "none" or "layernorm" (see the module docstring), applied to each encoder (and layer) separately.
+        norm: "none", "layernorm", "standardize" or "whiten" (see the module docstring), applied to each encoder
+            (and layer) separately.
     """
 
     def __init__(
@@ -210,6 +264,8 @@ class EnsembleTower(VisionTower):
         self.fusion.bind(self.dims, grid)
         self.dim = self.fusion.dim
         self.input_size = tuple(encoders[0].input_size)
+        layers = self.fusion.layers or [[None]] * len(encoders)
+        self._init_token_stats([(len(chosen), dim) for chosen, dim in zip(layers, self.dims)])
         self._set_trainable(list(encoders))
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -231,7 +287,7 @@ class StudentTower(SingleEncoderTower):
         grid: resample to grid x grid tokens; None keeps the student's grid.
         trainable: train the student too; False freezes it.
         image_size: resolution the student runs at; None = the export's own.
-        norm: "none" or "layernorm" (see the module docstring).
+        norm: "none", "layernorm", "standardize" or "whiten" (see the module docstring).
     """
 
     def __init__(

@@ -142,7 +142,7 @@ def test_a_training_step_moves_the_fusion_and_leaves_frozen_encoders_alone(setup
 def test_cli_fit_trains_the_fusion_of_a_live_tower(setup):
     tmp = setup["tmp"]
     tower = {"class_path": "mllm.towers.EnsembleTower", "init_args": {
-        "grid": 2, "norm": "layernorm",
+        "grid": 2, "norm": "whiten",
         "fusion": {"class_path": "mllm.fusion.ExpertMLPFusion", "init_args": {"width": 8}},
         "encoders": [{"class_path": "distill.encoders.TimmEncoder",
                       "init_args": {"model_name": f"local-dir:{setup['vit']}", "pretrained": True, "layer": -2}},
@@ -159,7 +159,20 @@ def test_cli_fit_trains_the_fusion_of_a_live_tower(setup):
     saved = torch.load(tmp / "run" / "align.ckpt", weights_only=True)["state_dict"]
     fusion = {k for k in saved if k.startswith("model.tower.fusion.")}
     assert fusion == {f"model.tower.fusion.{n}" for n, _ in cli.model.model.tower.fusion.named_parameters()}
-    assert all(k.startswith(("model.projector.", "model.tower.fusion.")) for k in saved)  # encoders not saved
+    assert all(k.startswith(("model.projector.", "model.tower.fusion.", "model.tower.token_stats."))
+               for k in saved)  # encoders not saved
+    # the whiten statistics, measured at fit start on the training images, travel in the checkpoint
+    stats = {k: v for k, v in saved.items() if k.startswith("model.tower.token_stats.")}
+    assert set(stats) == {f"model.tower.token_stats.{p}.0.{b}" for p in (0, 1) for b in ("mean", "std", "matrix",
+                                                                                          "calibrated")}
+    assert all(bool(v) for k, v in stats.items() if k.endswith("calibrated"))
+    assert torch.equal(stats["model.tower.token_stats.0.0.mean"], cli.model.model.tower.token_stats[0][0].mean)
+    # ... and the next stage (init_from) starts with them, so it measures nothing again
+    fresh = EnsembleTower(encoders(setup), ExpertMLPFusion(width=8), grid=2, norm="whiten")
+    assert fresh.needs_calibration
+    LlavaModule(fresh, lm=setup["lm"], stage="finetune", init_from=str(tmp / "run" / "align.ckpt"))
+    assert not fresh.needs_calibration
+    assert torch.equal(fresh.token_stats[1][0].matrix, cli.model.model.tower.token_stats[1][0].matrix)
 
 
 @pytest.mark.parametrize("fusion", ["channel", {"class_path": "mllm.fusion.ResamplerFusion",
@@ -183,6 +196,50 @@ def test_live_and_cached_towers_hand_the_projector_the_same_tokens(setup, tmp_pa
     assert cached_tokens.shape == live_tokens.shape == (3, 4, live.dim) and cached.num_tokens == live.num_tokens
     assert torch.allclose(cached_tokens, live_tokens, atol=1e-5)
     assert live_tokens.abs().max() > 0.1  # not trivially zero
+
+
+@pytest.mark.parametrize("norm", ["whiten", "standardize"])
+def test_live_and_cached_towers_calibrated_by_the_module_hand_the_projector_the_same_tokens(setup, tmp_path, norm):
+    from mllm.datamodule import LlavaDataModule
+    from mllm.data import ToySource
+    from mllm.features import toy_images
+    from mllm.study.common import build_tower
+
+    fusion = {"class_path": "mllm.fusion.MultiLayerFusion", "init_args": {"layers": [[-1, -2], [-2]]}}
+    encoder_configs = [{"class_path": "distill.encoders.TimmEncoder",
+                        "init_args": {"model_name": f"local-dir:{setup['vit']}", "pretrained": True, "layer": -2}},
+                       {"class_path": "distill.encoders.OpenClipEncoder",
+                        "init_args": {"model_name": f"local-dir:{setup['clip']}", "layer": -2}}]
+    live = build_tower({"class_path": "mllm.towers.EnsembleTower", "init_args": {
+        "encoders": encoder_configs, "fusion": fusion, "grid": 2, "norm": norm}})
+    images = toy_images(seed=0, num_images=12, image_size=32)
+    path = write_features(tower_features(live, images), tmp_path / "f.safetensors",
+                          {"seed": 0, "image_size": 32, "max_objects": 4})
+    cached = build_tower({"class_path": "mllm.features.CachedTower", "init_args": {
+        "features": str(path), "fusion": fusion, "grid": 2, "norm": norm}})
+    assert len(live.token_stats) == 2 and [len(p) for p in live.token_stats] == [2, 1]  # per encoder and layer
+    with pytest.raises(RuntimeError, match=f"EnsembleTower\\(norm='{norm}'\\) part 0 layer 0.*never measured"):
+        live(images[:2])
+    towers = {}
+    for name, tower, features in (("live", live, None), ("cached", cached, str(path))):
+        module = LlavaModule(tower, lm=setup["lm"], stage="align", norm_calibration_images=10)
+        data = LlavaDataModule(train=ToySource(seed=0, num_images=12, image_size=32, features=features),
+                               tokenizer=setup["lm"], image_size=32, batch_size=4, num_image_tokens=tower.num_tokens)
+        assert tower.needs_calibration
+        module.calibrate_tower(data)
+        assert not tower.needs_calibration
+        towers[name] = tower
+    # the calibration set is the first 10 records' images (0..9), not all 12, whatever the order of batches
+    first = live.features(images[:10])[1][:, 0].reshape(-1, live.dims[1]).double()
+    assert torch.allclose(live.token_stats[1][0].mean.double(), first.mean(0), atol=1e-5)
+    for live_stats, cached_stats in zip(live.token_stats.state_dict().values(), cached.token_stats.state_dict().values()):
+        assert torch.allclose(live_stats.float(), cached_stats.float(), atol=1e-4)
+    cached.fusion.load_state_dict(live.fusion.state_dict())
+    rows = load_features(path, seed=0, image_size=32, num_images=12)
+    live_tokens, cached_tokens = live(images), cached(rows)
+    assert live_tokens.shape == (12, 4, live.dim)
+    assert torch.allclose(cached_tokens, live_tokens, atol=1e-4)
+    assert live_tokens.abs().max() > 0.1
 
 
 def test_cost_counts_the_fusion_by_hand_and_leaves_it_trainable(setup):

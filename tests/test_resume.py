@@ -147,6 +147,17 @@ def mllm_config(root: Path, ids: Path, workers: int) -> Path:
     return path
 
 
+def mllm_whiten_config(root: Path, ids: Path, workers: int) -> Path:
+    """mllm_config with the tower's norm "whiten": its statistics are measured at the start and must be restored
+    (not measured again on another state) on resume."""
+    path = mllm_config(root, ids, workers)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["tower"]["init_args"]["norm"] = "whiten"
+    cfg["model"]["norm_calibration_images"] = 16
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def mllm_dropout_config(root: Path, ids: Path, workers: int) -> Path:
     """The toy LoRA finetune recipe, shrunk, with LoRA dropout 0.1: training itself draws random numbers."""
     cfg = read_recipe(ROOT / "configs/mllm/toy_finetune_lora.yaml")
@@ -196,14 +207,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("package", ["distill", "mllm", "distill-shards", "mllm-lora-dropout", "distill-ema"])
+@pytest.mark.parametrize("package", ["distill", "mllm", "distill-shards", "mllm-lora-dropout", "distill-ema", "mllm-whiten"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill9_resume_is_bit_identical(tmp_path, package, workers):
     make = {"distill": distill_config, "mllm": mllm_config, "mllm-lora-dropout": mllm_dropout_config,
-            "distill-ema": partial(distill_config, ema_decay=0.8)}.get(package)
+            "distill-ema": partial(distill_config, ema_decay=0.8), "mllm-whiten": mllm_whiten_config}.get(package)
     if package == "distill-ema":
         package = "distill"
-    if package == "mllm-lora-dropout":
+    if package in ("mllm-lora-dropout", "mllm-whiten"):
         package = "mllm"
     if package == "distill-shards":  # 2 shards of 20 toy images, read in order: a deterministic stream
         from distill.toy.shards import export_shards
@@ -228,6 +239,8 @@ def test_kill9_resume_is_bit_identical(tmp_path, package, workers):
     assert expected.keys() == final.keys()
     if isinstance(make, partial):
         assert final["ema.student.n_averaged"].item() == STEPS  # the EMA is in the compared weights
+    if make is mllm_whiten_config:  # the measured statistics are in every checkpoint
+        assert any(".token_stats." in k and k.endswith(".matrix") for k in expected)
     diff = max((expected[k].float() - final[k].float()).abs().max().item() for k in expected)
     assert all(torch.equal(expected[k], final[k]) for k in expected), (
         f"{package}, {workers} workers, killed at step {kill_step}, resumed from {resumed_from}: max abs diff {diff}")

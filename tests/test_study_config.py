@@ -30,7 +30,7 @@ def test_toy_study_has_towers_and_controls():
     fusions = {v.name: v.tower["init_args"]["fusion"] for v in study.variants if v.kind == "ensemble"}
     assert fusions["ensemble_brave"]["class_path"] == "mllm.fusion.ResamplerFusion"
     assert "num_queries" not in fusions["ensemble_brave"]["init_args"]  # K = grid * grid: the common budget
-    assert study.norm == "layernorm"
+    assert study.norm == "standardize"
     overlays = {v.name: v.distill_overlay for v in study.variants if v.kind == "student"}
     assert overlays["student"] is None
     assert Path(overlays["student_small"]).resolve() == ROOT / "configs/distill/overlays/toy_small_student.yaml"
@@ -106,7 +106,7 @@ def test_cached_stage_configs_parse_with_the_mllm_cli(tmp_path, stage):
                        budget=budget, tower=brave)
     assert cfg["seed_everything"] == 2 and cfg["trainer"]["max_steps"] == 7
     assert cfg["model"]["tower"] == {"class_path": "mllm.features.CachedTower", "init_args": {
-        "features": "/feat.safetensors", "fusion": brave["init_args"]["fusion"], "grid": 2, "norm": "layernorm"}}
+        "features": "/feat.safetensors", "fusion": brave["init_args"]["fusion"], "grid": 2, "norm": "standardize"}}
     train = cfg["data"]["train"]["init_args"]
     assert train["features"] == "/feat.safetensors" and train["max_objects"] == study.max_objects
     assert train["num_images"] == budget.train_images and cfg["data"]["val"] is None

@@ -123,7 +123,8 @@ class Study:
         student: an existing ``python -m distill export`` folder (skips distillation).
         grid: visual tokens per side for every tower (the same token budget for all); None keeps each tower's own.
         norm: the one normalisation rule every tower applies to its encoders' features, live and cached
-            (mllm/towers.py `normalize_features`): "layernorm" (per token, no affine) or "none".
+            (mllm/towers.py): "standardize" (per-channel mean/std measured once on the first training records),
+            "whiten" (standardize + ZCA whitening), "layernorm" (per token, no affine) or "none".
         image_size: image side given to the towers and used for cost measurements.
         max_objects: objects per toy image at most (1..4, one per quadrant); 1 = one object per image.
         eval_json: LLaVA-format JSON of evaluation questions (with ``question_type`` per record); None =
@@ -147,7 +148,7 @@ class Study:
     variants: list[Variant]
     student: str | None = None
     grid: int | None = 8
-    norm: str = "layernorm"
+    norm: str = "standardize"
     image_size: int = 64
     max_objects: int = 4
     eval_json: str | None = None

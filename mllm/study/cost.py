@@ -94,6 +94,12 @@ def tower_cost(tower: nn.Module, image_size: int, batch_size: int = 8, repeats: 
     was_training = tower.training
     tower.eval()
     images = torch.rand(batch_size, 3, image_size, image_size)
+    stats = getattr(tower, "token_stats", None)
+    saved = None if stats is None else {k: v.clone() for k, v in stats.state_dict().items()}
+    if getattr(tower, "needs_calibration", False):  # placeholder statistics: the cost does not depend on their values
+        with torch.inference_mode():
+            features = tower.features(images)
+        tower.calibrate([[f.clone() for f in features]])
     try:
         with without_grad(tower):
             cost = {
@@ -112,3 +118,5 @@ def tower_cost(tower: nn.Module, image_size: int, batch_size: int = 8, repeats: 
         return cost
     finally:
         tower.train(was_training)
+        if saved is not None:  # the tower's own (possibly unmeasured) statistics back
+            stats.load_state_dict(saved)
