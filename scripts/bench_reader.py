@@ -88,6 +88,8 @@ class HandLoop:
     def __init__(self, cli, bf16: bool, compiled: bool) -> None:
         self.module, data = cli.model, cli.datamodule
         data.setup("fit")
+        if self.module.model.tower.needs_calibration:  # what LlavaModule.on_fit_start does in a fit
+            self.module.calibrate_tower(data)
         self.module.train()
         self.model = self.module.model
         self.optimizer = torch.optim.AdamW(self.module.parameter_groups(), weight_decay=self.module.hparams.weight_decay)

@@ -21,7 +21,7 @@ def test_stage_config_is_the_studys_finetune_with_the_candidate_settings(tmp_pat
     cfg = bench.stage_cfg("/f.safetensors", 96, 7, tmp_path, precision="bf16-mixed", train_images=50,
                           overrides={"model.lm": "/lm", "model.lm_lr": 0.5})
     assert cfg["model"]["tower"] == {"class_path": "mllm.features.CachedTower", "init_args": {
-        "features": "/f.safetensors", "fusion": "channel", "grid": 2, "norm": "layernorm"}}
+        "features": "/f.safetensors", "fusion": "channel", "grid": 2, "norm": "standardize"}}
     assert cfg["model"]["init_from"] is None and cfg["model"]["stage"] == "finetune"
     assert (cfg["model"]["lm"], cfg["model"]["lm_lr"]) == ("/lm", 0.5)
     assert cfg["data"]["batch_size"] == 96 and cfg["trainer"]["precision"] == "bf16-mixed"
