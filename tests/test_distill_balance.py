@@ -7,21 +7,16 @@ import math
 import pytest
 import torch
 
-from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
 from distill.feature_norm import PhiS, hadamard
 from distill.model import StudentModel
 from distill.module import DistillModule
-from distill.teacher import Teacher
+from tiny_teachers import tiny_teacher_set
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
 
 def make_module(files, **kwargs) -> DistillModule:
-    teachers = [
-        Teacher("clip", OpenClipEncoder(f"local-dir:{files['clip']}")),
-        Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=1.0)),
-        Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
-    ]
+    teachers = tiny_teacher_set(files)
     student = StudentModel("vit_small_patch16_224", ["clip", "dino"], num_registers=2, img_size=32, model_args=STUDENT_ARGS)
     module = DistillModule(student, teachers, adaptor_hidden_dim=32, **kwargs)
     module.log = lambda *a, **k: None  # no trainer attached

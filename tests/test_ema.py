@@ -8,21 +8,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
 from distill.model import StudentModel
 from distill.module import DistillModule
-from distill.teacher import Teacher
+from tiny_teachers import tiny_teacher_set
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 DECAY = 0.75  # far from 1 so that every step moves the average visibly
 
 
 def make_module(files, **kwargs) -> DistillModule:
-    teachers = [
-        Teacher("clip", OpenClipEncoder(f"local-dir:{files['clip']}")),
-        Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=1.0)),
-        Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
-    ]
+    teachers = tiny_teacher_set(files)
     student = StudentModel("vit_small_patch16_224", ["clip", "dino"], num_registers=2, img_size=32, model_args=STUDENT_ARGS)
     return DistillModule(student, teachers, adaptor_hidden_dim=32, **kwargs)
 

@@ -3,22 +3,16 @@
 import pytest
 import torch
 
-from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
 from distill.grow import init_student_from, load_student
 from distill.model import StudentModel
 from distill.module import DistillModule
-from distill.teacher import Teacher
+from tiny_teachers import tiny_teacher_set
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
 
 def teachers(files, names):
-    build = {
-        "clip": lambda: Teacher("clip", OpenClipEncoder(f"local-dir:{files['clip']}")),
-        "dino": lambda: Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=1.0)),
-        "sam": lambda: Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
-    }
-    return [build[n]() for n in names]
+    return tiny_teacher_set(files, names)
 
 
 def module(files, names=("clip", "dino"), model_args=STUDENT_ARGS, summary=("clip", "dino"), registers=2, **kw):

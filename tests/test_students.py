@@ -9,23 +9,19 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
 from distill.losses_radio4 import translate
 from distill.model import StudentModel
 from distill.module import DistillModule
 from distill.students import StudentSpec
 from distill.teacher import Teacher
+from tiny_teachers import tiny_teacher_set
 
 ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 SMALL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
 def teachers(files) -> list[Teacher]:
-    return [
-        Teacher("clip", OpenClipEncoder(f"local-dir:{files['clip']}")),
-        Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=1.0)),
-        Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
-    ]
+    return tiny_teacher_set(files)
 
 
 def student(args=ARGS) -> StudentModel:

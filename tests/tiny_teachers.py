@@ -112,3 +112,16 @@ def write_sam_state_dict(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     state = build_sam("tiny").state_dict()
     return atomic_write(Path(path), lambda p: torch.save(state, p))
+
+
+def tiny_teacher_set(files: dict, names=("clip", "dino", "sam")) -> list:
+    """distill Teachers over the tiny checkpoints `files` (the `tiny_teacher_files` fixture), in `names` order."""
+    from distill.encoders import OpenClipEncoder, SamEncoder, TimmEncoder
+    from distill.teacher import Teacher
+
+    build = {
+        "clip": lambda: Teacher("clip", OpenClipEncoder(f"local-dir:{files['clip']}")),
+        "dino": lambda: Teacher("dino", TimmEncoder(f"local-dir:{files['dino']}", crop_pct=1.0)),
+        "sam": lambda: Teacher("sam", SamEncoder("tiny", str(files["sam"]))),
+    }
+    return [build[name]() for name in names]
