@@ -105,10 +105,11 @@ def test_toy_finetune_records_shuffle_question_order_and_ask_anew():
         record = source.record(index)
         humans = [t["value"].replace("<image>\n", "") for t in record["conversations"] if t["from"] == "human"]
         asked = {qa.question: qa.answer for qa in source.world[index].qa}
+        kinds = {qa.question: qa.kind for qa in source.world[index].qa}
         answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
         assert [asked[h] for h in humans] == answers  # every question is the image's, with its answer
         assert source.record(index) == record  # deterministic
-        first_kinds.add(humans[0].split()[1])
+        first_kinds.add(kinds[humans[0]])
         renewed += source.record(index + 30)["conversations"] != record["conversations"]  # same image, asked anew
     assert len(first_kinds) > 2 and renewed > 5
     assert len(source.dataset(lambda r, v: r)) == 60

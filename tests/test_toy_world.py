@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from distill.toy.shards import export_llava_json, export_shards, sample_conversation
-from distill.toy.world import (COLOR_RGB, COLORS, QA_KINDS, QUADRANTS, SHADE_RANGE, SHAPES, TEXTURES, ToyWorld,
-                               answer_options, texture_pattern)
+from distill.toy.world import (ATTRIBUTES, COLOR_RGB, COLORS, FUSION_PARTS, QA_KINDS, QUADRANTS, QUESTION_TEMPLATES,
+                               SHADE_RANGE, SHAPES, TEXTURES, ToyWorld, answer_options, texture_pattern)
 
 INDICES = range(40)
 
@@ -117,8 +117,11 @@ def test_every_object_gets_every_kind_with_its_answer(samples):
             expected = {"shape": obj.shape, "texture": obj.texture, "size": obj.size,
                         "fusion": f"{obj.texture} {obj.shape}"}[q.kind]
             assert q.answer == expected
-            assert not any(shape in q.question for shape in SHAPES)  # the scene's attributes are never a reference
-            assert not any(color in q.question for color in COLORS)
+            # The text depends only on the kind and quadrant: it lists every option, never the scene's colour.
+            assert q.question == QUESTION_TEMPLATES[q.kind].format(q=QUADRANTS[q.quadrant])
+            parts = FUSION_PARTS if q.kind == "fusion" else (q.kind,)
+            assert all(option in q.question for part in parts for option in ATTRIBUTES[part])
+            assert not set(COLORS) & set(q.question.replace("?", " ").replace(",", " ").split())
     assert len(answer_options("fusion")) == 16 and answer_options("size") == ["small", "medium", "large"]
     assert "striped circle" in answer_options("fusion")
 

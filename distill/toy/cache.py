@@ -37,7 +37,7 @@ from distill.toy.train_sam import train_sam
 from distill.toy.world import TRAIN_SEED, ToyWorld, world_texts
 
 # Bump when the generator or a trainer changes in a way that changes the teachers.
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 TOY_FILES = {"clip": "clip", "dino": "dino", "sam": "sam.pth", "lm": "lm"}
 MANIFEST = "manifest.json"
 

@@ -59,12 +59,24 @@ QA_KINDS = ("shape", "texture", "size", "fusion")
 FUSION_PARTS = ("texture", "shape")
 ATTRIBUTES = {"shape": SHAPES, "color": COLORS, "texture": TEXTURES, "size": SIZES}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-# The kind's question template (formatted with q=the quadrant words) and its answer (from the object).
+
+
+def _choices(words: tuple[str, ...], article: str = "") -> str:
+    """'a, b, c or d' (each word after `article`)."""
+    named = [f"{article}{w}" for w in words]
+    return ", ".join(named[:-1]) + " or " + named[-1]
+
+
+# The kind's question template (formatted with q=the quadrant words). Every question lists its answer's options
+# (multiple choice, as the size question always did): a reader then matches what the image holds against words
+# it was given, which the toy LM learns in a few hundred steps, instead of naming an attribute from nothing, which
+# it had not learned in 600 (world v4: size, the one listed kind, was read fully by every tower; shape and texture
+# were not, even from ground-truth tokens). The answers are unchanged.
 QUESTION_TEMPLATES = {
-    "shape": "what shape is the object in the {q}?",
-    "texture": "what is the texture of the object in the {q}?",
-    "size": "is the object in the {q} small, medium or large?",
-    "fusion": "what texture and shape is the object in the {q}?",
+    "shape": f"is the object in the {{q}} {_choices(SHAPES, 'a ')}?",
+    "texture": f"is the object in the {{q}} {_choices(TEXTURES)}?",
+    "size": f"is the object in the {{q}} {_choices(SIZES)}?",
+    "fusion": f"which texture ({_choices(TEXTURES)}) and shape ({_choices(SHAPES)}) is the object in the {{q}}?",
 }
 
 # Radius ranges in pixels at 64 px; scaled linearly with image_size.
