@@ -19,6 +19,7 @@ tokens (ToySource with `features`) are used as they are.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -50,11 +51,14 @@ def _padding(tokenizer: Any) -> tuple[int, str]:
 def rank_answers(model: LlavaModel, tokenizer: Any, items: list[EvalItem], chat_template: str | None = None,
                  system_prompt: str | None = None, batch_size: int = 256, image_size: int = 64,
                  pad_to_square: bool = False, pad_color: list[int] | None = None,
-                 return_scores: bool = False) -> list[str] | tuple[list[str], list[list[float]]]:
+                 return_scores: bool = False, share_prefix: bool = True) -> list[str] | tuple[list[str], list[list[float]]]:
     """The highest-likelihood option of each item (items without options are an error: use generation).
 
     batch_size: (question, candidate) rows per LM forward pass; the tower sees the questions of those rows once.
     return_scores: also return every item's candidate log-likelihoods (in options order).
+    share_prefix: run each question's prompt (what its candidate rows share before the first answer token) once
+        and only the candidates' remaining tokens per row, on the LM's key/value cache (`_score_rows_shared`; the
+        same scores up to float rounding); False: every row whole (`_score_rows`).
     """
     missing = [i.question for i in items if not i.options]
     if missing:
@@ -78,7 +82,8 @@ def rank_answers(model: LlavaModel, tokenizer: Any, items: list[EvalItem], chat_
                 rows.append((local, *tokenized[pair]))
         images = torch.stack([_visual(item.load_image(), image_size, pad_to_square, pad_color) for item in chunk])
         features = model.image_features(images.to(device))  # once per question, shared by its candidates
-        row_scores = _score_rows(model, rows, features, pad_id, side, device)
+        score = _score_rows_shared if share_prefix else _score_rows
+        row_scores = score(model, rows, features, pad_id, side, device)
         position = 0
         for item in chunk:
             scores.append(row_scores[position:position + len(item.options)])
@@ -112,15 +117,82 @@ def _score_rows(model: LlavaModel, rows: list[tuple[int, list[int], list[int]]],
         input_ids[row, span], labels[row, span], mask[row, span] = torch.tensor(ids), torch.tensor(lab), 1
     input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
     # the LlavaModel.embed splice, with the question's tokens computed once instead of once per row
-    image_mask = input_ids == IMAGE_TOKEN_ID
-    embeds = model.lm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-    per_row = features[torch.tensor([local for local, _, _ in rows], device=features.device)]
-    embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), per_row.to(embeds.dtype))
+    embeds = _embed(model, input_ids, features[torch.tensor([local for local, _, _ in rows], device=features.device)])
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: every row's text starts at position 0
     logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).logits.float()
     shifted = labels[:, 1:]
     logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, shifted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (logp * (shifted != IGNORE_INDEX)).sum(1).cpu().tolist()
+
+
+def _embed(model: LlavaModel, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with each row's image-token positions filled by its visual tokens [rows, N, C] (the
+    LlavaModel.embed splice)."""
+    image_mask = input_ids == IMAGE_TOKEN_ID
+    embeds = model.lm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+    return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+
+def _score_rows_shared(model: LlavaModel, rows: list[tuple[int, list[int], list[int]]], features: torch.Tensor,
+                       pad_id: int, side: str, device: torch.device) -> list[float]:
+    """`_score_rows` with each question's shared prompt run once: the rows of one question agree on their first
+    P tokens (P: their common prefix, cut before the first labelled token), so one forward pass over the
+    questions' prefixes (right-padded, with the key/value cache) gives the prompt's cache and the logits that
+    score each row's first answer token, and a second pass runs only the rows' remaining tokens on that cache.
+    Padding is right-sided here whatever `side` is: position ids follow the masks, so scores do not depend on it."""
+    questions = sorted({local for local, _, _ in rows})
+    index = {local: q for q, local in enumerate(questions)}
+    prefix_len = {}
+    for local, ids, labels in rows:
+        first_label = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids) - 1)
+        limit = min(first_label, len(ids) - 1)  # at least one token is left for the suffix pass
+        if local in prefix_len:
+            prior, reference = prefix_len[local]
+            common = next((i for i in range(min(prior, limit)) if ids[i] != reference[i]), min(prior, limit))
+            prefix_len[local] = (common, reference)
+        else:
+            prefix_len[local] = (limit, ids)
+    lengths = [prefix_len[local][0] for local in questions]
+    if min(lengths) < 1:  # nothing shared (a candidate differs from the first token): score rows whole
+        return _score_rows(model, rows, features, pad_id, side, device)
+    width = max(lengths)
+    prefix_ids = torch.full((len(questions), width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(questions), width), dtype=torch.long)
+    for q, local in enumerate(questions):
+        length, ids = prefix_len[local]
+        prefix_ids[q, :length], prefix_mask[q, :length] = torch.tensor(ids[:length]), 1
+    prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+    question_features = features[torch.tensor(questions, device=features.device)]
+    out = model.lm(inputs_embeds=_embed(model, prefix_ids, question_features), attention_mask=prefix_mask,
+                   position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+    last = torch.tensor(lengths, device=device) - 1
+    first_logp = F.log_softmax(out.logits[torch.arange(len(questions), device=device), last].float(), dim=-1)
+
+    row_question = torch.tensor([index[local] for local, _, _ in rows], device=device)
+    suffixes = [(ids[prefix_len[local][0]:], labels[prefix_len[local][0]:]) for local, ids, labels in rows]
+    suffix_width = max(len(ids) for ids, _ in suffixes)
+    suffix_ids = torch.full((len(rows), suffix_width), pad_id, dtype=torch.long)
+    suffix_labels = torch.full((len(rows), suffix_width), IGNORE_INDEX, dtype=torch.long)
+    suffix_mask = torch.zeros((len(rows), suffix_width), dtype=torch.long)
+    for row, (ids, labels) in enumerate(suffixes):
+        suffix_ids[row, :len(ids)], suffix_labels[row, :len(ids)], suffix_mask[row, :len(ids)] = (
+            torch.tensor(ids), torch.tensor(labels), 1)
+    suffix_ids, suffix_labels, suffix_mask = suffix_ids.to(device), suffix_labels.to(device), suffix_mask.to(device)
+    if (suffix_ids == IMAGE_TOKEN_ID).any():  # image tokens after the shared prompt: score rows whole
+        return _score_rows(model, rows, features, pad_id, side, device)
+    cache_arg = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"  # transformers 5 / 4
+    cache = getattr(out, cache_arg)
+    cache.batch_select_indices(row_question)
+    positions = torch.tensor(lengths, device=device)[row_question].unsqueeze(1) + suffix_mask.cumsum(-1) - 1
+    logits = model.lm(inputs_embeds=model.lm.get_input_embeddings()(suffix_ids),
+                      attention_mask=torch.cat([prefix_mask[row_question], suffix_mask], dim=1),
+                      position_ids=positions.clamp_min(0), **{cache_arg: cache}).logits.float()
+    # the first suffix token is scored by the prompt's last logits, token j + 1 by suffix position j
+    first = first_logp[row_question].gather(-1, suffix_labels[:, :1].clamp_min(0)).squeeze(-1)
+    total = first * (suffix_labels[:, 0] != IGNORE_INDEX)
+    shifted = suffix_labels[:, 1:]
+    logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, shifted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (total + (logp * (shifted != IGNORE_INDEX)).sum(1)).cpu().tolist()
 
 
 def _visual(visual: Any, image_size: int, pad_to_square: bool = False, pad_color: list[int] | None = None) -> torch.Tensor:

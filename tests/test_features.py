@@ -185,12 +185,34 @@ def test_rank_answers_runs_the_tower_once_per_question(tiny_llava, monkeypatch):
     assert sum(seen) == len(items) < sum(len(i.options) for i in items)  # not once per candidate
 
 
+def test_rank_answers_sharing_the_prompt_scores_as_whole_rows_with_fewer_tokens(tiny_llava, monkeypatch):
+    model, tokenizer, path = tiny_llava
+    # fusion options share their first answer token ("striped circle", "striped square"): the shared prompt must
+    # stop before it, so those tokens are scored per row
+    items = ToySource(seed=1000, num_images=6, stage="finetune", features=path, max_objects=1).eval_items()
+    assert {i.kind for i in items} == {"shape", "texture", "size", "fusion"}
+    tokens = []
+    lm_forward = model.lm.forward
+
+    def counted(*args, **kwargs):
+        tokens.append(int(kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]))
+        return lm_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.lm, "forward", counted)
+    whole, whole_scores = rank_answers(model, tokenizer, items, batch_size=7, return_scores=True, share_prefix=False)
+    whole_tokens, tokens[:] = sum(tokens), []
+    shared, shared_scores = rank_answers(model, tokenizer, items, batch_size=7, return_scores=True)
+    assert shared == whole
+    np.testing.assert_allclose(np.concatenate(shared_scores), np.concatenate(whole_scores), atol=1e-4)
+    assert sum(tokens) < whole_tokens / 2
+
+
 def test_rank_answers_honours_the_tokenizers_padding_side_and_pad_token(tiny_llava, monkeypatch):
     import copy
 
     model, tokenizer, path = tiny_llava
     items = ToySource(seed=1000, num_images=3, stage="finetune", features=path, max_objects=1).eval_items()
-    right, right_scores = rank_answers(model, tokenizer, items, batch_size=7, return_scores=True)
+    right, right_scores = rank_answers(model, tokenizer, items, batch_size=7, return_scores=True, share_prefix=False)
     left_tokenizer = copy.deepcopy(tokenizer)
     left_tokenizer.padding_side = "left"
     left_tokenizer.pad_token = left_tokenizer.eos_token  # another pad id: masked out, so it must not matter
@@ -202,7 +224,7 @@ def test_rank_answers_honours_the_tokenizers_padding_side_and_pad_token(tiny_lla
         return lm_forward(*args, **kwargs)
 
     monkeypatch.setattr(model.lm, "forward", record)
-    left, left_scores = rank_answers(model, left_tokenizer, items, batch_size=7, return_scores=True)
+    left, left_scores = rank_answers(model, left_tokenizer, items, batch_size=7, return_scores=True, share_prefix=False)
     assert any(padded)  # rows really were left-padded
     assert left == right
     np.testing.assert_allclose(np.concatenate(left_scores), np.concatenate(right_scores), atol=1e-4)
