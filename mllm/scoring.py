@@ -133,57 +133,57 @@ def _embed(model: LlavaModel, input_ids: torch.Tensor, features: torch.Tensor) -
     return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
+def _right_pad(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences as one right-padded LongTensor [len(rows), longest] (padded with `fill`) and its 0/1 mask."""
+    width = max(len(row) for row in rows)
+    padded = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
+    return padded, mask
+
+
+def _shared_length(rows: list[tuple[list[int], list[int]]]) -> int:
+    """How many leading tokens all (ids, labels) rows of one question share, cut before the first labelled token
+    of any row and leaving at least one token per row."""
+    limit = min(min(next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids)), len(ids) - 1)
+                for ids, labels in rows)
+    first = rows[0][0]
+    return next((i for i in range(limit) if any(ids[i] != first[i] for ids, _ in rows)), limit)
+
+
 def _score_rows_shared(model: LlavaModel, rows: list[tuple[int, list[int], list[int]]], features: torch.Tensor,
                        pad_id: int, side: str, device: torch.device) -> list[float]:
     """`_score_rows` with each question's shared prompt run once: the rows of one question agree on their first
-    P tokens (P: their common prefix, cut before the first labelled token), so one forward pass over the
-    questions' prefixes (right-padded, with the key/value cache) gives the prompt's cache and the logits that
-    score each row's first answer token, and a second pass runs only the rows' remaining tokens on that cache.
-    Padding is right-sided here whatever `side` is: position ids follow the masks, so scores do not depend on it."""
-    questions = sorted({local for local, _, _ in rows})
-    index = {local: q for q, local in enumerate(questions)}
-    prefix_len = {}
+    P tokens (`_shared_length`), so one forward pass over the questions' prefixes (right-padded, with the key/value
+    cache) gives the prompt's cache and the logits that score each row's first answer token, and a second pass
+    runs only the rows' remaining tokens on that cache. Padding is right-sided here whatever `side` is: position
+    ids follow the masks, so scores do not depend on it."""
+    by_question: dict[int, list[tuple[list[int], list[int]]]] = {}
     for local, ids, labels in rows:
-        first_label = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids) - 1)
-        limit = min(first_label, len(ids) - 1)  # at least one token is left for the suffix pass
-        if local in prefix_len:
-            prior, reference = prefix_len[local]
-            common = next((i for i in range(min(prior, limit)) if ids[i] != reference[i]), min(prior, limit))
-            prefix_len[local] = (common, reference)
-        else:
-            prefix_len[local] = (limit, ids)
-    lengths = [prefix_len[local][0] for local in questions]
-    if min(lengths) < 1:  # nothing shared (a candidate differs from the first token): score rows whole
-        return _score_rows(model, rows, features, pad_id, side, device)
-    width = max(lengths)
-    prefix_ids = torch.full((len(questions), width), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros((len(questions), width), dtype=torch.long)
-    for q, local in enumerate(questions):
-        length, ids = prefix_len[local]
-        prefix_ids[q, :length], prefix_mask[q, :length] = torch.tensor(ids[:length]), 1
+        by_question.setdefault(local, []).append((ids, labels))
+    questions = sorted(by_question)
+    lengths = {local: _shared_length(by_question[local]) for local in questions}
+    suffixes = [(ids[lengths[local]:], labels[lengths[local]:]) for local, ids, labels in rows]
+    if min(lengths.values()) < 1 or any(IMAGE_TOKEN_ID in ids for ids, _ in suffixes):
+        return _score_rows(model, rows, features, pad_id, side, device)  # nothing shared, or images after it
+
+    prefix_ids, prefix_mask = _right_pad([by_question[local][0][0][:lengths[local]] for local in questions], pad_id)
     prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
     question_features = features[torch.tensor(questions, device=features.device)]
     out = model.lm(inputs_embeds=_embed(model, prefix_ids, question_features), attention_mask=prefix_mask,
                    position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
-    last = torch.tensor(lengths, device=device) - 1
-    first_logp = F.log_softmax(out.logits[torch.arange(len(questions), device=device), last].float(), dim=-1)
+    prompt_lengths = torch.tensor([lengths[local] for local in questions], device=device)
+    first_logp = F.log_softmax(out.logits[torch.arange(len(questions), device=device), prompt_lengths - 1].float(), -1)
 
-    row_question = torch.tensor([index[local] for local, _, _ in rows], device=device)
-    suffixes = [(ids[prefix_len[local][0]:], labels[prefix_len[local][0]:]) for local, ids, labels in rows]
-    suffix_width = max(len(ids) for ids, _ in suffixes)
-    suffix_ids = torch.full((len(rows), suffix_width), pad_id, dtype=torch.long)
-    suffix_labels = torch.full((len(rows), suffix_width), IGNORE_INDEX, dtype=torch.long)
-    suffix_mask = torch.zeros((len(rows), suffix_width), dtype=torch.long)
-    for row, (ids, labels) in enumerate(suffixes):
-        suffix_ids[row, :len(ids)], suffix_labels[row, :len(ids)], suffix_mask[row, :len(ids)] = (
-            torch.tensor(ids), torch.tensor(labels), 1)
-    suffix_ids, suffix_labels, suffix_mask = suffix_ids.to(device), suffix_labels.to(device), suffix_mask.to(device)
-    if (suffix_ids == IMAGE_TOKEN_ID).any():  # image tokens after the shared prompt: score rows whole
-        return _score_rows(model, rows, features, pad_id, side, device)
+    position = {local: q for q, local in enumerate(questions)}
+    row_question = torch.tensor([position[local] for local, _, _ in rows], device=device)
+    suffix_ids, suffix_mask = (t.to(device) for t in _right_pad([ids for ids, _ in suffixes], pad_id))
+    suffix_labels = _right_pad([labels for _, labels in suffixes], IGNORE_INDEX)[0].to(device)
     cache_arg = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"  # transformers 5 / 4
     cache = getattr(out, cache_arg)
     cache.batch_select_indices(row_question)
-    positions = torch.tensor(lengths, device=device)[row_question].unsqueeze(1) + suffix_mask.cumsum(-1) - 1
+    positions = prompt_lengths[row_question].unsqueeze(1) + suffix_mask.cumsum(-1) - 1
     logits = model.lm(inputs_embeds=model.lm.get_input_embeddings()(suffix_ids),
                       attention_mask=torch.cat([prefix_mask[row_question], suffix_mask], dim=1),
                       position_ids=positions.clamp_min(0), **{cache_arg: cache}).logits.float()

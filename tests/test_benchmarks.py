@@ -25,6 +25,7 @@ from distill.encoders.sam import build_sam
 from distill.model import AdaptorOutput, StudentModel, StudentOutput
 from distill.module import DistillModule
 from distill.teacher import Teacher
+from recipe_fit import fit_two_steps
 
 STUDENT_ARGS = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
@@ -231,8 +232,6 @@ KEYS += ["bench/sam_miou/student", "bench/sam_miou/sam"]
 def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path, monkeypatch):
     """configs/distill/toy.yaml (smoke toy teachers, dense_loss mse) for 2 steps with a small benchmark: every key is
     logged at the start (step 0, after the mse calibration) and at the validation after step 2."""
-    from distill.cli import lightning_cli
-
     calibrated = []
     score = EncoderBenchmarks.score
 
@@ -245,18 +244,10 @@ def test_callback_logs_every_key_in_a_two_step_fit(smoke_world, tmp_path, monkey
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "distill" / "toy.yaml").read_text())
     bench = [c for c in config["trainer"]["callbacks"] if c["class_path"] == "distill.benchmarks.EncoderBenchmarks"]
     assert bench and bench[0]["init_args"]["probes"] == ["knn", "zeroshot", "sam_miou"]  # the recipe has it
-    config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, default_root_dir=str(tmp_path),
-                             enable_progress_bar=False, num_sanity_val_steps=0, enable_checkpointing=False,
-                             callbacks=[{"class_path": "distill.benchmarks.EncoderBenchmarks",
-                                         "init_args": {"num_bank": 40, "num_query": 20, "num_mask_images": 6}}])
     config["model"]["student"]["init_args"]["model_args"] = STUDENT_ARGS
     config["model"].update(warmup_steps=1, dense_loss="mse", calibration_batches=1)
-    config["data"].update(batch_size=4, num_workers=0)
-    config["data"]["val"]["init_args"]["length"] = 4
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = lightning_cli(["fit", "-c", str(path)])
-    assert cli.trainer.global_step == 2
+    cli = fit_two_steps(config, tmp_path, callbacks=[{"class_path": "distill.benchmarks.EncoderBenchmarks",
+                                                      "init_args": {"num_bank": 40, "num_query": 20, "num_mask_images": 6}}])
     assert calibrated == [True, True]  # scored at the start (with fitted normalizers) and at the one validation
     metrics = cli.trainer.callback_metrics
     assert sorted(k for k in metrics if k.startswith("bench/")) == sorted(KEYS)

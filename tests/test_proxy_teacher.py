@@ -11,6 +11,7 @@ from distill.exported import SharedStudent, StudentEncoder
 from distill.model import StudentModel
 from distill.module import DistillModule
 from distill.teacher import Teacher
+from recipe_fit import fit_two_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -58,21 +59,11 @@ def test_share_backbone_needs_adaptors(proxy_export):
 
 def test_proxy_recipe_fits(proxy_export, tmp_path):
     """configs/distill/toy_proxy.yaml, shrunk (tiny student, 2 steps, no benchmarks), on the proxy export."""
-    from distill.cli import lightning_cli
-
     config = yaml.safe_load((ROOT / "configs" / "distill" / "toy_proxy.yaml").read_text())
     for teacher in config["model"]["teachers"]:
         assert teacher["init_args"]["encoder"]["init_args"]["share_backbone"] is True
         teacher["init_args"]["encoder"]["init_args"]["path"] = str(proxy_export)
-    config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, default_root_dir=str(tmp_path),
-                             enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[], logger=False,
-                             enable_checkpointing=False)
     config["model"]["student"]["init_args"]["model_args"] = {**ARGS, "embed_dim": 16}
     config["model"].update(warmup_steps=1, adaptor_hidden_dim=16)
-    config["data"].update(batch_size=4, num_workers=0)
-    config["data"]["val"]["init_args"]["length"] = 4
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli = lightning_cli(["fit", "-c", str(path)])
-    assert cli.trainer.global_step == 2
+    cli = fit_two_steps(config, tmp_path, callbacks=[], logger=False)
     assert {"val/clip/dense_cos", "val/dino/summary_cos", "val/sam/dense_cos"} <= set(cli.trainer.callback_metrics)
