@@ -1,4 +1,5 @@
-"""The toy study route: distill one student per seed, cache every frozen tower's visual tokens once, fit linear
+"""The toy study route: distill the students of each seed (one teacher pass for those that can share it:
+mllm/study/distill_jobs.py), cache every frozen tower's visual tokens once, fit linear
 probes on them, train LLaVA (align + finetune) per variant and seed on the cached tokens, score the
 held-out questions by likelihood, and write the report with paired statistics.
 
@@ -8,7 +9,7 @@ mllm/study/instrument.py. Towers are frozen, so their tokens for the training an
 computed once (mllm/features.py) and the LLaVA loop pays only for the fusion module (if any) + projector + LM;
 every variant, seed and control uses the same recipes, steps, data order and questions.
 
-Layout of OUT: features/ (cached tokens), distill-<key>-seed<k>/ (student runs + exports),
+Layout of OUT: features/ (cached tokens), distill-<key>-seed<k>/ (student runs; export/ and export-<variant>/),
 runs/<variant>/seed<k>-<key>/ (align.yaml, finetune.yaml, eval.json, record.json: written last, so a run
 with a record.json is finished and reused), questions.json, probes.json, records.json, results.*.
 """
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from distill.common.io import save_json
 from mllm.study.config import Budget, Study, Variant
 from mllm.study.cost import count_params
+from mllm.study.distill_jobs import distill_jobs, distill_students
 from mllm.study.instrument import Features, probe_variant, questions, text_prior
 from mllm.study.common import config_key, fit, quiet_libraries, steps_per_second, write_yaml
 
@@ -168,47 +170,6 @@ def run_jobs(jobs: list[tuple[Variant, int, dict, dict | None]], study: Study, b
     return records
 
 
-def distill_student(study: Study, budget: Budget, out_dir: Path, force: bool, seed: int,
-                    overlay: str | None = None) -> tuple[str, dict]:
-    """Distill the toy student with seed `seed` (budget.distill_steps) and export it; reused when done.
-    `overlay`: a distill overlay YAML put on top of the recipe (`-c recipe -c overlay`), e.g. a smaller student.
-    Returns the export folder and the distillation summary (validation cosines, time)."""
-    from distill.cli import lightning_cli
-    from distill.export import export_student
-
-    recipe = yaml.safe_load(Path(study.distill_recipe).read_text())
-    overlay_cfg = yaml.safe_load(Path(overlay).read_text()) if overlay else None
-    key = config_key([recipe, overlay_cfg] if overlay else recipe, budget.distill_steps, budget.toy_profile)
-    run_dir = out_dir / f"distill-{key}-seed{seed}"
-    export, summary = run_dir / "export", run_dir / "distill.json"
-    if (export / "config.json").is_file() and summary.is_file() and not force:
-        return str(export), json.loads(summary.read_text())
-    print(f"[study] distilling student seed {seed} ({budget.distill_steps} steps) into {run_dir}", flush=True)
-    cfg = copy.deepcopy(recipe)
-    cfg["seed_everything"] = seed
-    trainer = cfg["trainer"]
-    trainer.update(
-        max_steps=budget.distill_steps, default_root_dir=str(run_dir), enable_progress_bar=False,
-        val_check_interval=budget.distill_steps, limit_val_batches=2,
-        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "logs"}},
-        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run_dir), "filename": "student", "enable_version_counter": False}},
-                   {"class_path": "distill.common.timing.StepTimer"}],
-    )
-    started = time.time()
-    args = ["fit", "-c", str(write_yaml(cfg, run_dir / "distill.yaml"))]
-    if overlay:
-        args += ["-c", str(write_yaml(overlay_cfg, run_dir / "overlay.yaml"))]
-    cli = lightning_cli(args)
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    export_student(run_dir / "student.ckpt", export, with_adaptors=True)
-    info = {"seed": seed, "seconds": time.time() - started, "steps": budget.distill_steps,
-            "steps_per_second": steps_per_second(cli), "val": metrics}
-    save_json(info, summary)
-    return str(export), info
-
-
-
 def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Variant], smoke: bool, force: bool,
               started: float) -> Path:
     """The toy study (see the module docstring) of `variants`; returns the results.md path."""
@@ -225,20 +186,28 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
     seeds = list(range(budget.seeds))
     students: dict[str, dict[int, str]] = {}  # {variant: {seed: export folder}}
     distill_info: dict[str, dict[int, dict]] = {}
-    distill_jobs = []  # (variant, seed) of every student to distill, `budget.workers` at a time
-    for variant in (v for v in variants if v.kind == "student"):
-        for seed in seeds:
-            if study.student is not None and variant.distill_overlay is None:
-                students.setdefault(variant.name, {})[seed] = study.student
-            else:
-                distill_jobs.append((variant, seed))
+    learners = []  # student variants to distill (one teacher pass per seed for those that can share it)
+    for variant in (v for v in study.variants if v.kind == "student"):
+        if study.student is not None and variant.distill_overlay is None:
+            students[variant.name] = {seed: study.student for seed in seeds}
+        else:
+            learners.append(variant)
+    # the jobs of the whole study (so a run folder is the same whatever --only picks), those with a selected student
+    selected = {v.name for v in variants}
+    passes = [job for job in distill_jobs(learners, seeds, yaml.safe_load(Path(study.distill_recipe).read_text()))
+            if selected & {name for name, _ in job.members}]
+    # jobs past the last full round of `workers` run alone: they get every worker's thread
+    full_rounds = len(passes) - len(passes) % budget.workers
 
-    def distilled(index: int, result: tuple[str, dict]) -> None:
-        variant, seed = distill_jobs[index]
-        students.setdefault(variant.name, {})[seed], distill_info.setdefault(variant.name, {})[seed] = result
+    def distilled(index: int, results: dict[str, tuple[str, dict]]) -> None:
+        for name, (export, info) in results.items():
+            if name in selected:
+                students.setdefault(name, {})[passes[index].seed] = export
+                distill_info.setdefault(name, {})[passes[index].seed] = info
 
-    in_workers(distill_student, [(study, budget, out_dir, force, seed, variant.distill_overlay)
-                                 for variant, seed in distill_jobs], budget.workers, budget.toy_profile, distilled)
+    in_workers(distill_students, [(study, budget, out_dir, force, job,
+                                   None if budget.workers <= 1 else 1 if index < full_rounds else budget.workers)
+                                  for index, job in enumerate(passes)], budget.workers, budget.toy_profile, distilled)
     students = {name: dict(sorted(by_seed.items())) for name, by_seed in students.items()}
     distill_info = {name: dict(sorted(by_seed.items())) for name, by_seed in distill_info.items()}
     phases["distillation"] = time.time() - clock
