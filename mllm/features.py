@@ -41,7 +41,7 @@ from distill.common.io import save_json, save_safetensors
 from distill.common.names import split_scheme
 from distill.toy.cache import PROFILES, active_profile
 from mllm.fusion import Fusion, build_fusion
-from mllm.towers import VisionTower, resample_grid
+from mllm.towers import VisionTower, encoder_maps, resample_grid
 
 FEATURES_VERSION = 3  # bump when a builder (tower_features, oracle_tokens, blind_tokens) or the layout changes
 
@@ -89,6 +89,17 @@ def tower_features(tower: VisionTower, images: torch.Tensor, batch_size: int = 2
     tower.eval()
     chunks = [tower.features(batch) for batch in tqdm(images.split(batch_size), desc=desc, leave=False, unit="batch")]
     return [torch.cat([chunk[i] for chunk in chunks]).float() for i in range(len(chunks[0]))]
+
+
+@torch.inference_mode()
+def encoder_dense_maps(encoder, images: torch.Tensor, layer: int | None = None, batch_size: int = 256,
+                       desc: str = "features") -> torch.Tensor:
+    """A frozen encoder's dense maps [num_images, C, h, w] at `layer` (None: its own `layer`) for float images
+    [num_images, 3, S, S] in [0, 1], `batch_size` images per forward (as `tower_features`)."""
+    encoder.eval()
+    layers = None if layer is None else [layer]
+    chunks = [encoder_maps(encoder, batch, layers)[0] for batch in tqdm(images.split(batch_size), desc=desc, leave=False, unit="batch")]
+    return torch.cat(chunks).float()
 
 
 def write_features(features: list[torch.Tensor] | torch.Tensor, path: str | Path, info: dict) -> Path:

@@ -119,6 +119,19 @@ class VisionTower(nn.Module):
                 for f, part in zip(features, self.token_stats)]
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw per-part features [B, L_i, N_i, C_i]: `features_from_maps` of every `encoder_layers` map."""
+        plan = self.encoder_layers()
+        if plan is None:
+            raise NotImplementedError(f"{type(self).__name__} must define features() or encoder_layers()")
+        return self.features_from_maps([encoder_maps(encoder, images, layers) for encoder, layers in plan])
+
+    def encoder_layers(self) -> list[tuple[Encoder, list[int] | None]] | None:
+        """(encoder, layers) whose dense maps make this tower's features (layers None: the encoder's own `layer`),
+        or None where the features are not a function of dense maps alone (e.g. a kept CLS token)."""
+        return None
+
+    def features_from_maps(self, maps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Raw per-part features from each `encoder_layers` entry's dense maps [B, C, h, w] (one per layer)."""
         raise NotImplementedError
 
     def fuse(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -213,14 +226,20 @@ class SingleEncoderTower(VisionTower):
         self._set_trainable([encoder])
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if not self.keep_cls:
+            return super().features(images)
         out = self.encoder(images)
-        dense = resample_grid(out.dense, _grid_size(self.grid, out.dense))
-        tokens = dense.flatten(2).transpose(1, 2)
-        if self.keep_cls:
-            if out.summary is None:
-                raise ValueError(f"keep_cls=True but {type(self.encoder).__name__} returned no summary token.")
-            tokens = torch.cat([out.summary[:, None], tokens], dim=1)
-        return [tokens[:, None]]
+        if out.summary is None:
+            raise ValueError(f"keep_cls=True but {type(self.encoder).__name__} returned no summary token.")
+        tokens = self.features_from_maps([[out.dense]])[0][:, 0]
+        return [torch.cat([out.summary[:, None], tokens], dim=1)[:, None]]
+
+    def encoder_layers(self) -> list[tuple[Encoder, list[int] | None]] | None:
+        return None if self.keep_cls else [(self.encoder, None)]
+
+    def features_from_maps(self, maps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        dense = maps[0][0]
+        return [resample_grid(dense, _grid_size(self.grid, dense)).flatten(2).transpose(1, 2)[:, None]]
 
 
 class EnsembleTower(VisionTower):
@@ -268,9 +287,10 @@ class EnsembleTower(VisionTower):
         self._init_token_stats([(len(chosen), dim) for chosen, dim in zip(layers, self.dims)])
         self._set_trainable(list(encoders))
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        layers = self.fusion.layers or [None] * len(self.encoders)
-        maps = [encoder_maps(encoder, images, chosen) for encoder, chosen in zip(self.encoders, layers)]
+    def encoder_layers(self) -> list[tuple[Encoder, list[int] | None]] | None:
+        return list(zip(self.encoders, self.fusion.layers or [None] * len(self.encoders)))
+
+    def features_from_maps(self, maps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         sizes = self.fusion.input_sizes(self.grid, [tuple(m[0].shape[-2:]) for m in maps])
         return [stack_tokens(m, size) for m, size in zip(maps, sizes)]
 

@@ -254,3 +254,37 @@ def test_cost_counts_the_fusion_by_hand_and_leaves_it_trainable(setup):
     assert cost["fusion_gflops_per_image"] * 1e9 == pytest.approx(sum(2 * 4 * (c * 8 + 8 * 8) for c in widths))
     assert cost["gflops_per_image"] > cost["fusion_gflops_per_image"]
     assert all(p.requires_grad for p in tower.fusion.parameters())
+
+
+def test_study_features_share_each_encoders_maps_and_equal_the_towers_own(setup, tmp_path, monkeypatch):
+    """The study computes an encoder's dense maps once per (encoder config, layer): an ensemble after a single
+    tower of the same encoder reuses its maps, and both equal the towers' own `tower_features`."""
+    import mllm.features as features_module
+    from mllm.study.common import build_tower
+    from mllm.study.config import Budget, Study
+    from mllm.study.instrument import Features
+
+    vit = {"class_path": "distill.encoders.TimmEncoder",
+           "init_args": {"model_name": f"local-dir:{setup['vit']}", "pretrained": True, "layer": -2}}
+    clip = {"class_path": "distill.encoders.OpenClipEncoder", "init_args": {"model_name": f"local-dir:{setup['clip']}", "layer": -2}}
+    single = {"class_path": "mllm.towers.SingleEncoderTower", "init_args": {"encoder": vit, "grid": 2}}
+    comm = {"class_path": "mllm.towers.EnsembleTower", "init_args": {
+        "encoders": [vit, clip], "grid": 2,
+        "fusion": {"class_path": "mllm.fusion.MultiLayerFusion", "init_args": {"layers": [[-1, -2], [-2]]}}}}
+    study = Study(align_recipe="a.yaml", finetune_recipe="f.yaml", distill_recipe="d.yaml", variants=[], image_size=32)
+    features = Features(study, Budget(), tmp_path, {})
+    features._images[0] = IMAGES
+    calls = []
+    real = features_module.encoder_dense_maps
+    monkeypatch.setattr(features_module, "encoder_dense_maps", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    for config in (single, comm):
+        tower = build_tower(config)
+        shared = features.tower_features(config, tower, 0, "test")
+        own = features_module.tower_features(tower, IMAGES)
+        assert [f.shape for f in shared] == [f.shape for f in own]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(shared, own))
+    # the single tower's vit maps (its own layer, -2) serve the ensemble's vit layer -2: vit -2, vit -1, clip -2;
+    # then a second ensemble of the same encoders computes nothing new
+    assert calls == [-2, -1, -2]
+    features.tower_features(comm, build_tower(comm), 0, "test")
+    assert len(calls) == 3

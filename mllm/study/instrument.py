@@ -29,6 +29,7 @@ class Features:
         self.folder = out_dir / "features"
         self._images: dict[int, torch.Tensor] = {}
         self._towers: dict[str, object] = {}
+        self._maps: dict[tuple, torch.Tensor] = {}  # (encoder config, layer, world) -> dense maps [N, C, h, w]
         self.costs: dict[str, dict] = {}
 
     def images(self, seed: int) -> torch.Tensor:
@@ -56,7 +57,7 @@ class Features:
     def paths(self, variant: Variant, seed: int) -> dict[int, str]:
         """{world seed: cache file} for the training (0) and held-out (1000) images; measures the tower's
         cost (parameters, GFLOPs, ms per image, its fusion's share) the first time a variant is seen."""
-        from mllm.features import blind_tokens, oracle_tokens, tower_features
+        from mllm.features import blind_tokens, oracle_tokens
 
         size, grid = self.study.image_size, self.study.grid or 8
         if variant.kind == "control":
@@ -72,9 +73,33 @@ class Features:
                 self.costs[variant.name] = tower_cost(tower, size)
             config = features_config(tower_config, tower)
 
-            def make(world: int, n: int) -> torch.Tensor:
-                return tower_features(tower, self.images(world), desc=f"{variant.name} features")
+            def make(world: int, n: int) -> list[torch.Tensor]:
+                return self.tower_features(tower_config, tower, world, f"{variant.name} features")
         return self._cache(variant.name, config, make)
+
+    def tower_features(self, tower_config: dict, tower, world: int, desc: str) -> list[torch.Tensor]:
+        """`mllm.features.tower_features` of the tower on world `world`'s images, with each encoder's dense maps
+        computed once per (encoder config, layer) and shared by every tower that names the same encoder: the
+        ensembles reuse the single towers' forwards. A tower whose encoders the config does not list (a student)
+        or whose features are not dense maps alone (a kept CLS token) runs as it is."""
+        from mllm.features import encoder_dense_maps, tower_features
+
+        args = tower_config.get("init_args", {})
+        configs = [args["encoder"]] if "encoder" in args else args.get("encoders")
+        plan = tower.encoder_layers()
+        if configs is None or plan is None or len(configs) != len(plan):
+            return tower_features(tower, self.images(world), desc=desc)
+        maps = []
+        for config, (encoder, layers) in zip(configs, plan):
+            per_layer = []
+            for layer in layers or [getattr(encoder, "layer", None)]:  # the encoder's own layer, by number
+                key = (json.dumps(config, sort_keys=True, default=str), layer, world)
+                if key not in self._maps:
+                    self._maps[key] = encoder_dense_maps(encoder, self.images(world), layer, desc=desc)
+                per_layer.append(self._maps[key])
+            maps.append(per_layer)
+        with torch.inference_mode():
+            return [part.float() for part in tower.features_from_maps(maps)]
 
     def untrained_paths(self, variant: Variant) -> dict[int, str]:
         """Cache files of the probe control `untrained_<variant>`: the single tower's config with every weight

@@ -170,8 +170,10 @@ def write_report(records: list[dict], items: list[dict], prior: list[int] | None
                      + skill_table(probe, study.owners, singles))
     parts.append("## Claims (paired, Holm-corrected)\n\n" + claims_markdown(claims, costs))
     if distill:
-        parts.append("## Distillation (one student per seed)\n\n" + "\n".join(
-            f"- {name} seed {s}: {info['steps']} steps in {info['seconds']:.0f} s; " + ", ".join(
+        parts.append("## Distillation (per seed; students that share a teacher pass share its time)\n\n" + "\n".join(
+            f"- {name} seed {s}: {info['steps']} steps in {info['seconds']:.0f} s"
+            + (f" (one teacher pass with {', '.join(info['shared_with'])})" if info.get("shared_with") else "")
+            + (f", {info['threads']} threads" if info.get("threads", 1) > 1 else "") + "; " + ", ".join(
                 f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(info["val"].items()))
             for name, seeds in distill.items() for s, info in sorted(seeds.items())))
     if phases:
