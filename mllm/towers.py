@@ -238,8 +238,7 @@ class SingleEncoderTower(VisionTower):
         return None if self.keep_cls else [(self.encoder, None)]
 
     def features_from_maps(self, maps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        dense = maps[0][0]
-        return [resample_grid(dense, _grid_size(self.grid, dense)).flatten(2).transpose(1, 2)[:, None]]
+        return [stack_tokens(maps[0], _grid_size(self.grid, maps[0][0]))]
 
 
 class EnsembleTower(VisionTower):

@@ -57,10 +57,11 @@ def distill_jobs(variants: list[Variant], seeds: list[int], recipe: dict) -> lis
     """The distillation runs of the student `variants` for every seed (see the module docstring), seed-major."""
     shared: list[tuple[str, dict | None]] = []
     alone: list[tuple[str, dict | None]] = []
+    teachers = _teacher_names(recipe)
     for variant in variants:
         overlay = yaml.safe_load(Path(variant.distill_overlay).read_text()) if variant.distill_overlay else None
         joins = _student_only(overlay) and (not shared or (variant.name.isidentifier() and variant.name != "student"
-                                                           and variant.name not in _teacher_names(recipe)))
+                                                           and variant.name not in teachers))
         (shared if joins else alone).append((variant.name, overlay))
     jobs = []
     for seed in seeds:
@@ -110,13 +111,12 @@ def distill_students(study: Study, budget: Budget, out_dir: Path, force: bool, j
     parts = [cfg, job.separate_overlay] if job.separate_overlay is not None else cfg
     key = config_key(parts, budget.distill_steps, budget.toy_profile)
     run_dir = out_dir / f"distill-{key}-seed{job.seed}"
-    exports = {name: run_dir / ("export" if position == 0 else f"export-{name}")
-               for position, (name, _) in enumerate(job.members)}
-    summaries = {name: run_dir / ("distill.json" if position == 0 else f"distill-{name}.json")
-                 for position, (name, _) in enumerate(job.members)}
+    names = [name for name, _ in job.members]
+    suffixes = {name: "" if position == 0 else f"-{name}" for position, name in enumerate(names)}  # model.student: ""
+    exports = {name: run_dir / f"export{suffix}" for name, suffix in suffixes.items()}
+    summaries = {name: run_dir / f"distill{suffix}.json" for name, suffix in suffixes.items()}
     if not force and all((exports[n] / "config.json").is_file() and summaries[n].is_file() for n in exports):
         return {n: (str(exports[n]), json.loads(summaries[n].read_text())) for n in exports}
-    names = [name for name, _ in job.members]
     print(f"[study] distilling {' + '.join(names)} seed {job.seed} ({budget.distill_steps} steps, one teacher pass) "
           f"into {run_dir}", flush=True)
     cfg["seed_everything"] = job.seed

@@ -194,8 +194,8 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
             learners.append(variant)
     # the jobs of the whole study (so a run folder is the same whatever --only picks), those with a selected student
     selected = {v.name for v in variants}
-    passes = [job for job in distill_jobs(learners, seeds, yaml.safe_load(Path(study.distill_recipe).read_text()))
-            if selected & {name for name, _ in job.members}]
+    recipe = yaml.safe_load(Path(study.distill_recipe).read_text())
+    passes = [job for job in distill_jobs(learners, seeds, recipe) if selected & {name for name, _ in job.members}]
     # jobs past the last full round of `workers` run alone: they get every worker's thread
     full_rounds = len(passes) - len(passes) % budget.workers
 
