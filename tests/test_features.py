@@ -1,5 +1,7 @@
 """Frozen-feature cache, CachedTower, oracle/blind controls, cached toy records and likelihood scoring."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,55 @@ def test_memoized_encoder_equals_direct_tokenization(tiny_llava):
     for _ in range(2):  # the second call is served from the memo
         sample = encode(record, torch.zeros(4, 8))
         assert sample["input_ids"].tolist() == direct[0] and sample["labels"].tolist() == direct[1]
+
+
+def test_encoders_with_one_tokenizer_and_settings_share_their_memo(tiny_llava, monkeypatch):
+    """A second run in the same process (the study's run workers) tokenizes nothing the first one did; other
+    settings or another tokenizer never read its entries."""
+    import mllm.data.encode as encode_module
+
+    _, tokenizer, path = tiny_llava
+    calls = []
+    real = encode_module.tokenize_conversation
+    monkeypatch.setattr(encode_module, "tokenize_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(encode_module, "_MEMOS", {})
+    source = ToySource(seed=1000, num_images=6, stage="finetune", features=path, max_objects=1)
+    record, tokens = source.record_and_image(2)
+    direct = tokenize_conversation(record["conversations"], tokenizer, 4, 128, num_images=1)
+    first = SampleEncoder(tokenizer, 4, 128, 64)(record, tokens)
+    assert len(calls) == 1
+    again = SampleEncoder(load_tokenizer(tokenizer.name_or_path), 4, 128, 64)(record, tokens)  # reloaded tokenizer
+    assert len(calls) == 1 and again["input_ids"].tolist() == first["input_ids"].tolist() == direct[0]
+    assert again["labels"].tolist() == direct[1]
+    short = SampleEncoder(tokenizer, 4, 40, 64)  # another max_length: its own memo, its own (truncated) result
+    truncated = short(record, tokens)
+    assert len(calls) == 2
+    assert truncated["input_ids"].tolist() == tokenize_conversation(record["conversations"], tokenizer, 4, 40,
+                                                                    num_images=1)[0]
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert encode_module.tokenizer_fingerprint(other) != encode_module.tokenizer_fingerprint(tokenizer)
+    assert SampleEncoder(other, 4, 128, 64)._memo is not SampleEncoder(tokenizer, 4, 128, 64)._memo
+
+
+def test_toy_sources_of_one_world_describe_each_image_once(tiny_llava, monkeypatch):
+    import distill.toy.world as world_module
+    import mllm.data.toy as toy_module
+
+    _, _, path = tiny_llava
+    monkeypatch.setattr(toy_module, "_DESCRIBED", {})
+    described = []
+    real = world_module.ToyWorld.describe
+    monkeypatch.setattr(world_module.ToyWorld, "describe", lambda self, i: described.append(i) or real(self, i))
+    first = ToySource(seed=1000, num_images=6, stage="finetune", features=path, max_objects=1)
+    records = [first.record(i) for i in range(12)]  # two records per image
+    assert sorted(described) == list(range(6))
+    second = ToySource(seed=1000, num_images=6, stage="finetune", features=path, max_objects=1)
+    assert [second.record(i) for i in range(12)] == records and len(described) == 6
+    other_world = ToySource(seed=0, num_images=6, stage="finetune", max_objects=1)  # no features: drawn, not shared
+    assert other_world.record(0)["conversations"] == ToySource(seed=0, num_images=6, stage="finetune",
+                                                              max_objects=1).record(0)["conversations"]
+    assert len(described) == 6
 
 
 def test_rank_answers_picks_the_highest_likelihood_option(tiny_llava):

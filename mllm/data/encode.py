@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections import Counter
 from typing import Any
@@ -51,7 +52,34 @@ def image_to_tensor(image: Image.Image, image_size: int, pad_to_square: bool = F
     return to_tensor(image)
 
 
-MEMO_SIZE = 50_000  # conversations remembered by a SampleEncoder (cleared when full)
+MEMO_SIZE = 50_000  # conversations remembered per tokenizer + settings (cleared when full)
+MAX_MEMOS = 4  # tokenizer + settings combinations remembered per process (the oldest dropped first)
+_MEMOS: dict[tuple, dict[tuple, tuple[list[int], list[int]]]] = {}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """A hash of everything a tokenizer's output depends on (its serialized fast tokenizer, chat template and
+    special tokens), or None when it cannot be serialized (a slow tokenizer): then nothing is shared."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    parts = [type(tokenizer).__name__, backend.to_str(), str(getattr(tokenizer, "chat_template", None)),
+             repr(sorted(getattr(tokenizer, "special_tokens_map", {}).items())),
+             str(getattr(tokenizer, "padding_side", None)), str(getattr(tokenizer, "truncation_side", None))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def shared_memo(key: tuple | None) -> dict[tuple, tuple[list[int], list[int]]]:
+    """The process-wide memo of one tokenizer + encoder settings `key` (a fresh private one for None): every
+    SampleEncoder with the same tokenizer and settings reads and fills it, so a process that trains several runs
+    on the same records (the study's run workers) tokenizes each distinct conversation once."""
+    if key is None:
+        return {}
+    if key not in _MEMOS:
+        while len(_MEMOS) >= MAX_MEMOS:
+            _MEMOS.pop(next(iter(_MEMOS)))
+        _MEMOS[key] = {}
+    return _MEMOS[key]
 
 
 class SampleEncoder:
@@ -83,11 +111,14 @@ class SampleEncoder:
         self.pad_color = pad_color
         self.image_first = image_first
         self.skipped: Counter = Counter()
-        self._memo: dict[tuple, tuple[list[int], list[int]]] = {}
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        self._memo = shared_memo(None if fingerprint is None else (
+            fingerprint, num_image_tokens, max_length, chat_template, system_prompt, image_first))
 
     def tokenize(self, conversations: list[dict], num_images: int) -> tuple[list[int], list[int]]:
-        """tokenize_conversation with this encoder's settings, memoized: small closed worlds (the toy one)
-        repeat the same conversations many times, and rendering a chat template costs ~1 ms."""
+        """tokenize_conversation with this encoder's settings, memoized (`shared_memo`: per process, tokenizer and
+        settings): small closed worlds (the toy one) repeat the same conversations many times, and rendering a
+        chat template costs ~1 ms."""
         key = (num_images, tuple((str(t.get("from")), str(t.get("value"))) for t in conversations))
         if key not in self._memo:
             if len(self._memo) >= MEMO_SIZE:

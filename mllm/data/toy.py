@@ -21,6 +21,19 @@ from mllm.data.base import ALIGN_PROMPT, DataSource, EvalItem, RecordDataset
 from mllm.data.encode import SampleEncoder
 
 
+_DESCRIBED: dict[tuple[int, int, int], dict] = {}  # (seed, image_size, max_objects) -> {image index: sample}
+MAX_DESCRIBED = 200_000  # described samples kept per world and process (cleared when full)
+
+
+def described_samples(seed: int, image_size: int, max_objects: int) -> dict:
+    """The process-wide {image index: ToyWorld.describe(index)} of one world: a world is a pure function of these
+    arguments, so the study's run workers, which train many runs on the same records, describe each image once."""
+    samples = _DESCRIBED.setdefault((seed, image_size, max_objects), {})
+    if len(samples) >= MAX_DESCRIBED:
+        samples.clear()
+    return samples
+
+
 class ToySource(DataSource):
     """The toy world as LLaVA records: align = one caption per image; finetune = questions as a chat.
 
@@ -56,7 +69,8 @@ class ToySource(DataSource):
         self.seed, self.num_images, self.stage = seed, num_images, stage
         self.features_path = features
         self._features: torch.Tensor | None = None
-        self._samples: dict = {}  # with features: image index -> sample without its pixels (drawn once)
+        # with features: image index -> sample without its pixels, described once per process and world
+        self._samples = described_samples(seed, image_size, max_objects)
 
     @property
     def features(self) -> torch.Tensor | None:
@@ -76,7 +90,7 @@ class ToySource(DataSource):
     def _sample(self, index: int):
         """World sample `index`; with cached features its pixels are not needed, so it is only described
         (ToyWorld.describe: same objects, caption and questions, nothing drawn) and the records of an image
-        (records_per_image of them) describe it once."""
+        (records_per_image of them), and every source of the same world in this process, describe it once."""
         if self.features_path is None:
             return self.world[index]
         if index not in self._samples:

@@ -187,7 +187,7 @@ def text_prior(study: Study, budget: Budget, items: list[dict]) -> list[int]:
     world = ToyWorld(seed=TRAIN_SEED, image_size=study.image_size, max_objects=study.max_objects)
     answers: dict[str, Counter] = defaultdict(Counter)
     for index in range(budget.probe_images):
-        for qa in world[index].qa:
+        for qa in world.describe(index).qa:  # the same questions as world[index], nothing drawn
             answers[qa.question][qa.answer] += 1
     best = {text: counts.most_common(1)[0][0] for text, counts in answers.items()}
     return [int(best.get(i["question"]) == i["answer"]) for i in items]

@@ -32,7 +32,7 @@ def object_labels(seed: int, num_images: int, image_size: int, max_objects: int 
     """(image index, quadrant, {kind: answer}) of every object of the first `num_images` images."""
     world = ToyWorld(seed=seed, image_size=image_size, max_objects=max_objects)
     return [(i, obj.quadrant, {kind: obj.answer(kind) for kind in QA_KINDS})
-            for i in range(num_images) for obj in world[i].objects]
+            for i in range(num_images) for obj in world.describe(i).objects]  # the same objects, nothing drawn
 
 
 def _gather(tokens: torch.Tensor, objects: list, grid: int) -> torch.Tensor:
