@@ -28,10 +28,7 @@ MAX_DESCRIBED = 200_000  # described samples kept per world and process (cleared
 def described_samples(seed: int, image_size: int, max_objects: int) -> dict:
     """The process-wide {image index: ToyWorld.describe(index)} of one world: a world is a pure function of these
     arguments, so the study's run workers, which train many runs on the same records, describe each image once."""
-    samples = _DESCRIBED.setdefault((seed, image_size, max_objects), {})
-    if len(samples) >= MAX_DESCRIBED:
-        samples.clear()
-    return samples
+    return _DESCRIBED.setdefault((seed, image_size, max_objects), {})
 
 
 class ToySource(DataSource):
@@ -70,7 +67,7 @@ class ToySource(DataSource):
         self.features_path = features
         self._features: torch.Tensor | None = None
         # with features: image index -> sample without its pixels, described once per process and world
-        self._samples = described_samples(seed, image_size, max_objects)
+        self._samples = described_samples(seed, image_size, max_objects) if features is not None else {}
 
     @property
     def features(self) -> torch.Tensor | None:
@@ -94,6 +91,8 @@ class ToySource(DataSource):
         if self.features_path is None:
             return self.world[index]
         if index not in self._samples:
+            if len(self._samples) >= MAX_DESCRIBED:
+                self._samples.clear()
             self._samples[index] = self.world.describe(index)
         return self._samples[index]
 
