@@ -177,7 +177,12 @@ def write_report(records: list[dict], items: list[dict], prior: list[int] | None
                 f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(info["val"].items()))
             for name, seeds in distill.items() for s, info in sorted(seeds.items())))
     if phases:
-        parts.append("## Wall time by phase\n\n" + "\n".join(f"- {name}: {sec:.1f} s" for name, sec in phases.items()))
+        overlap = ("\n\nAfter the toy build the phases overlap: the worker processes take the distillations, then the "
+                   "LLaVA runs, from one queue while the main process computes features and probes (the towers' without "
+                   "a student while the students distil). Distillation and LLaVA runs: wall time from the first job to "
+                   "the last; features and probes: the main process's own time." if "distillation" in phases else "")
+        parts.append("## Wall time by phase\n\n" + "\n".join(f"- {name}: {sec:.1f} s" for name, sec in phases.items())
+                     + overlap)
     if failed:
         parts.append("## Failed runs\n\n" + "\n".join(f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed))
     text = "\n\n".join(parts) + "\n"

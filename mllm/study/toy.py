@@ -16,9 +16,9 @@ with a record.json is finished and reused), questions.json, probes.json, records
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
-import os
 import time
 import traceback
 from pathlib import Path
@@ -33,7 +33,8 @@ from mllm.study.config import Budget, Study, Variant
 from mllm.study.cost import count_params
 from mllm.study.distill_jobs import distill_jobs, distill_students
 from mllm.study.instrument import Features, probe_variant, questions, text_prior
-from mllm.study.common import config_key, fit, quiet_libraries, steps_per_second, write_yaml
+from mllm.study.common import config_key, fit, steps_per_second, write_yaml
+from mllm.study.workers import Workers
 
 
 def cached_tower(features: str, tower: dict | None, study: Study) -> dict:
@@ -121,68 +122,28 @@ def run_variant(variant: Variant, seed: int, paths: dict[int, str], study: Study
         record.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
                       traceback=traceback.format_exc())
         save_json(record, run_dir / "failed.json")
-        return record
+        return {**record, "started_at": started}
     save_json(record, record_file)
-    return record
-
-
-def _worker_init(profile: str) -> None:
-    """A run worker: one torch thread (the workers share the cores), the toy profile, quiet libraries."""
-    os.environ["UNITOWER_TOY_PROFILE"] = profile
-    torch.set_num_threads(1)
-    quiet_libraries()
-
-
-def in_workers(function, jobs: list[tuple], workers: int, profile: str, done) -> None:
-    """Call `function(*job)` for every job, `workers` at a time in separate processes (one torch thread each: the
-    toy models' steps are dominated by per-op overhead, so processes scale where threads do not), calling
-    `done(index, result)` as each finishes; in this process, one after another, when `workers` <= 1."""
-    import concurrent.futures
-    import multiprocessing
-
-    if workers <= 1:
-        for index, job in enumerate(jobs):
-            done(index, function(*job))
-        return
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_init, initargs=(profile,)) as pool:
-        futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
-        for future in concurrent.futures.as_completed(futures):
-            done(futures[future], future.result())
-
-
-def run_jobs(jobs: list[tuple[Variant, int, dict, dict | None]], study: Study, budget: Budget, out_dir: Path,
-             force: bool) -> list[dict]:
-    """Every (variant, seed) LLaVA run, `budget.workers` at a time (`in_workers`)."""
-    records: list[dict | None] = [None] * len(jobs)
-    progress = tqdm(total=len(jobs), desc="study runs", unit="run")
-
-    def done(index: int, record: dict) -> None:
-        records[index] = record
-        progress.update(1)
-        tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
-                   + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
-
-    in_workers(run_variant, [(variant, seed, paths, study, budget, out_dir, force, tower)
-                             for variant, seed, paths, tower in jobs],
-               budget.workers, budget.toy_profile, done)
-    progress.close()
-    return records
+    return {**record, "started_at": started}  # when it began (epoch seconds): the study's LLaVA-runs phase
 
 
 def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Variant], smoke: bool, force: bool,
               started: float) -> Path:
-    """The toy study (see the module docstring) of `variants`; returns the results.md path."""
+    """The toy study (see the module docstring) of `variants`; returns the results.md path.
+
+    After the toy build, one queue of `budget.workers` one-thread processes (mllm/study/workers.py) takes the
+    distillations first, then every LLaVA run as its tokens are ready, while this process (one thread beside the
+    workers) computes the features and probes: the towers' without a student while the students distil, the
+    students' when their distillation is done."""
     from distill.toy.cache import ensure_cache
     from distill.toy.world import HELDOUT_SEED, TRAIN_SEED
     from mllm.study.probes import object_labels
     from mllm.study.report import write_report
 
-    phases: dict[str, float] = {}  # wall seconds per phase, in the report and records.json
+    phases: dict[str, float] = {}  # wall seconds per phase, in the report and records.json (the last four overlap)
     clock = time.time()
     ensure_cache()
     phases["toy build"] = time.time() - clock
-    clock = time.time()
     seeds = list(range(budget.seeds))
     students: dict[str, dict[int, str]] = {}  # {variant: {seed: export folder}}
     distill_info: dict[str, dict[int, dict]] = {}
@@ -196,56 +157,82 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
     selected = {v.name for v in variants}
     recipe = yaml.safe_load(Path(study.distill_recipe).read_text())
     passes = [job for job in distill_jobs(learners, seeds, recipe) if selected & {name for name, _ in job.members}]
-    # jobs past the last full round of `workers` run alone: they get every worker's thread
-    full_rounds = len(passes) - len(passes) % budget.workers
-
-    def distilled(index: int, results: dict[str, tuple[str, dict]]) -> None:
-        for name, (export, info) in results.items():
-            if name in selected:
-                students.setdefault(name, {})[passes[index].seed] = export
-                distill_info.setdefault(name, {})[passes[index].seed] = info
-
-    in_workers(distill_students, [(study, budget, out_dir, force, job,
-                                   None if budget.workers <= 1 else 1 if index < full_rounds else budget.workers)
-                                  for index, job in enumerate(passes)], budget.workers, budget.toy_profile, distilled)
-    students = {name: dict(sorted(by_seed.items())) for name, by_seed in students.items()}
-    distill_info = {name: dict(sorted(by_seed.items())) for name, by_seed in distill_info.items()}
-    phases["distillation"] = time.time() - clock
-    features = Features(study, budget, out_dir, students)
-    objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size, study.max_objects),
-               HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size, study.max_objects)}
-    items = questions(study, budget)
-    save_json({"questions": items}, out_dir / "questions.json")
-    probes: dict[str, list[dict]] = {}
-    phases["features"] = phases["probes"] = 0.0
-
-    def measure(name: str, paths: dict[int, str]) -> None:
-        clock = time.time()
-        probes.setdefault(name, []).append(probe_variant(paths, study, budget, objects))
-        phases["probes"] += time.time() - clock
-
-    jobs = []
-    for variant in variants:  # features and probes first (in this process), then the LLaVA runs
-        for seed in seeds:
+    waiting = {v.name for v in learners}  # variants whose tokens need this invocation's distillations
+    runs = [(variant, seed) for variant in variants for seed in seeds]  # report order
+    records: list[dict | None] = [None] * len(runs)
+    probes: dict[str, list[dict]] = {name: [] for name in [v.name for v in variants] + [
+        f"untrained_{v.name}" for v in variants if v.name in study.probe_controls.untrained]
+        + (["pixels"] if study.probe_controls.pixels else [])}
+    phases.update({"distillation": 0.0, "features": 0.0, "probes": 0.0, "LLaVA runs": 0.0})
+    threads = torch.get_num_threads()
+    with Workers(budget.workers, budget.toy_profile) as pool:
+        if pool.parallel:
+            torch.set_num_threads(1)  # this process computes features beside the workers
+        try:
             clock = time.time()
-            paths = features.paths(variant, seed)
-            phases["features"] += time.time() - clock
-            if variant.kind == "student" or seed == 0:
-                measure(variant.name, paths)
-            jobs.append((variant, seed, paths, features.tower_config(variant, seed)))
-    for variant in (v for v in variants if v.name in study.probe_controls.untrained):  # probe-only controls
-        clock = time.time()
-        paths = features.untrained_paths(variant)
-        phases["features"] += time.time() - clock
-        measure(f"untrained_{variant.name}", paths)
-    if study.probe_controls.pixels:
-        clock = time.time()
-        paths = features.pixel_paths()
-        phases["features"] += time.time() - clock
-        measure("pixels", paths)
-    clock = time.time()
-    records = run_jobs(jobs, study, budget, out_dir, force)
-    phases["LLaVA runs"] = time.time() - clock
+            distilling = [pool.submit(distill_students, study, budget, out_dir, force, job, 1 if pool.parallel else None)
+                          for job in passes]
+            ended: list[float] = []  # when each distillation finished (its callback runs then)
+            for future in distilling:
+                future.add_done_callback(lambda _: ended.append(time.time()))
+            features = Features(study, budget, out_dir, students)
+            objects = {TRAIN_SEED: object_labels(TRAIN_SEED, budget.probe_images, study.image_size, study.max_objects),
+                       HELDOUT_SEED: object_labels(HELDOUT_SEED, budget.eval_images, study.image_size, study.max_objects)}
+            items = questions(study, budget)
+            save_json({"questions": items}, out_dir / "questions.json")
+            progress = tqdm(total=len(runs), desc="study runs", unit="run")
+            pending: dict = {}
+
+            def measure(name: str, paths: dict[int, str]) -> None:
+                moment = time.time()
+                probes[name].append(probe_variant(paths, study, budget, objects))
+                phases["probes"] += time.time() - moment
+
+            def start_runs(variant: Variant) -> None:
+                """Features (and probes) of the variant's seeds, then its runs into the queue."""
+                for seed in seeds:
+                    moment = time.time()
+                    paths = features.paths(variant, seed)
+                    phases["features"] += time.time() - moment
+                    if variant.kind == "student" or seed == 0:
+                        measure(variant.name, paths)
+                    future = pool.submit(run_variant, variant, seed, paths, study, budget, out_dir, force,
+                                         features.tower_config(variant, seed))
+                    pending[future] = runs.index((variant, seed))
+
+            for variant in (v for v in variants if v.name not in waiting):
+                start_runs(variant)
+            for variant in (v for v in variants if v.name in study.probe_controls.untrained):  # probe-only controls
+                moment = time.time()
+                paths = features.untrained_paths(variant)
+                phases["features"] += time.time() - moment
+                measure(f"untrained_{variant.name}", paths)
+            if study.probe_controls.pixels:
+                moment = time.time()
+                paths = features.pixel_paths()
+                phases["features"] += time.time() - moment
+                measure("pixels", paths)
+            for job, future in zip(passes, distilling):
+                for name, (export, info) in future.result().items():
+                    if name in selected:
+                        students.setdefault(name, {})[job.seed] = export
+                        distill_info.setdefault(name, {})[job.seed] = info
+            phases["distillation"] = max(ended) - clock if ended else 0.0
+            for name in list(students):
+                students[name] = dict(sorted(students[name].items()))
+            distill_info = {name: dict(sorted(by_seed.items())) for name, by_seed in distill_info.items()}
+            for variant in (v for v in variants if v.name in waiting):
+                start_runs(variant)
+            for future in concurrent.futures.as_completed(pending):
+                record = records[pending[future]] = future.result()
+                progress.update(1)
+                tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
+                           + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
+            progress.close()
+        finally:
+            torch.set_num_threads(threads)
+    began = [r["started_at"] for r in records if r.get("started_at", 0) >= clock]  # runs trained now, not reused
+    phases["LLaVA runs"] = time.time() - min(began) if began else 0.0
     return write_report(
         records=records, items=items, prior=text_prior(study, budget, items), probes=probes, costs=features.costs,
         distill=distill_info, study=study, budget=budget, out_dir=out_dir, smoke=smoke,
