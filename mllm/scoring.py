@@ -6,7 +6,9 @@ token; each distinct pair once, as question texts repeat across images), and the
 sum of the log-probabilities of its label tokens (the answer and the end-of-turn token the template trains
 on). The vision tower and projector run once per question (its image's tokens are reused by every candidate
 row); the LM scores all pairs in batched forward passes (no generation), so a thousand images' questions take
-seconds on a toy LM.
+seconds on a toy LM. Questions are batched in order of candidate count and text length (rows of a batch pad
+to similar lengths); with an sdpa / eager LM the candidates of one question run as one sequence on the question's
+prompt cache under a 4D mask (`_grouped_suffix_scores`), else each candidate row gets a copy of that cache.
 
     predictions = rank_answers(model, tokenizer, items, chat_template=None, image_size=64)
     predictions, scores = rank_answers(..., return_scores=True)      # + each item's candidate log-likelihoods
@@ -70,8 +72,10 @@ def rank_answers(model: LlavaModel, tokenizer: Any, items: list[EvalItem], chat_
     num_tokens = model.tower.num_tokens
     device = next(model.projector.parameters()).device
     tokenized: dict[tuple[str, str], tuple[list[int], list[int]]] = {}  # question texts repeat across images
+    # questions with as many candidates and as long a text side by side: a batch's rows pad to similar lengths
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].options), len(items[i].question)))
     scores: list[list[float]] = []
-    for chunk in _question_chunks(items, batch_size):
+    for chunk in _question_chunks([items[i] for i in order], batch_size):
         rows: list[tuple[int, list[int], list[int]]] = []  # (question in chunk, input ids, labels)
         for local, item in enumerate(chunk):
             for turns in _pairs(item):
@@ -89,6 +93,7 @@ def rank_answers(model: LlavaModel, tokenizer: Any, items: list[EvalItem], chat_
             scores.append(row_scores[position:position + len(item.options)])
             position += len(item.options)
     model.train(was_training)
+    scores = [score for _, score in sorted(zip(order, scores))]  # back in the items' order
     predictions = [item.options[max(range(len(s)), key=s.__getitem__)] for item, s in zip(items, scores)]
     return (predictions, scores) if return_scores else predictions
 
@@ -178,9 +183,12 @@ def _score_rows_shared(model: LlavaModel, rows: list[tuple[int, list[int], list[
 
     position = {local: q for q, local in enumerate(questions)}
     row_question = torch.tensor([position[local] for local, _, _ in rows], device=device)
+    cache_arg = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"  # transformers 5 / 4
+    if _groups_suffixes(model):
+        return _grouped_suffix_scores(model, getattr(out, cache_arg), cache_arg, prefix_mask, prompt_lengths,
+                                      row_question, suffixes, first_logp, pad_id)
     suffix_ids, suffix_mask = (t.to(device) for t in _right_pad([ids for ids, _ in suffixes], pad_id))
     suffix_labels = _right_pad([labels for _, labels in suffixes], IGNORE_INDEX)[0].to(device)
-    cache_arg = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"  # transformers 5 / 4
     cache = getattr(out, cache_arg)
     cache.batch_select_indices(row_question)
     positions = prompt_lengths[row_question].unsqueeze(1) + suffix_mask.cumsum(-1) - 1
@@ -193,6 +201,58 @@ def _score_rows_shared(model: LlavaModel, rows: list[tuple[int, list[int], list[
     shifted = suffix_labels[:, 1:]
     logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, shifted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (total + (logp * (shifted != IGNORE_INDEX)).sum(1)).cpu().tolist()
+
+
+def _groups_suffixes(model: LlavaModel) -> bool:
+    """Whether the LM's attention takes a custom 4D mask (sdpa, eager): then `_grouped_suffix_scores` runs each
+    question's candidates in one sequence; other kernels (flash attention) take the per-row copy of the cache."""
+    return getattr(model.lm.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _grouped_suffix_scores(model: LlavaModel, cache: Any, cache_arg: str, prefix_mask: torch.Tensor,
+                           prompt_lengths: torch.Tensor, row_question: torch.Tensor,
+                           suffixes: list[tuple[list[int], list[int]]], first_logp: torch.Tensor, pad_id: int) -> list[float]:
+    """The rows' scores from their suffixes (what follows the question's shared prompt), with every candidate of one
+    question in ONE sequence on that question's prompt cache (no copy of the cache per candidate): a 4D mask lets
+    each candidate's tokens see the prompt and that candidate's earlier tokens only, and each candidate's position
+    ids restart where the prompt ends, so every token sees what it sees in its whole row."""
+    device = prefix_mask.device
+    questions, prompt = prefix_mask.shape
+    owner = row_question.tolist()
+    starts, used = [], [0] * questions
+    for question, (ids, _) in zip(owner, suffixes):
+        starts.append(used[question])
+        used[question] += len(ids)
+    width = max(used)
+    suffix_ids = torch.full((questions, width), pad_id, dtype=torch.long)
+    segment = torch.full((questions, width), -1, dtype=torch.long)  # which row a position belongs to (-1: padding)
+    offset = torch.zeros((questions, width), dtype=torch.long)
+    for row, (question, start, (ids, _)) in enumerate(zip(owner, starts, suffixes)):
+        suffix_ids[question, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        segment[question, start:start + len(ids)] = row
+        offset[question, start:start + len(ids)] = torch.arange(len(ids))
+    own = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    own = (own & torch.ones(width, width, dtype=torch.bool).tril()) | torch.eye(width, dtype=torch.bool)  # padding sees itself
+    allowed = torch.cat([prefix_mask.bool().cpu()[:, None, :].expand(questions, width, prompt), own], dim=2)
+    embeds = model.lm.get_input_embeddings()(suffix_ids.to(device))
+    mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
+    logits = model.lm(inputs_embeds=embeds, attention_mask=mask[:, None].to(device),
+                      position_ids=(prompt_lengths[:, None] + offset.to(device)),
+                      **{cache_arg: cache}).logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    # the first suffix token is scored by the prompt's last logits, token j + 1 by the candidate's position j
+    firsts = torch.tensor([labels[0] for _, labels in suffixes], device=device)
+    totals = first_logp[row_question].gather(-1, firsts.clamp_min(0)[:, None]).squeeze(-1) * (firsts != IGNORE_INDEX)
+    rows, questions_at, places, targets = [], [], [], []
+    for row, (question, start, (_, labels)) in enumerate(zip(owner, starts, suffixes)):
+        for j, label in enumerate(labels[1:]):
+            if label != IGNORE_INDEX:
+                rows.append(row), questions_at.append(question), places.append(start + j), targets.append(label)
+    if rows:
+        picked = logp[torch.tensor(questions_at, device=device), torch.tensor(places, device=device),
+                      torch.tensor(targets, device=device)]
+        totals = totals.index_add(0, torch.tensor(rows, device=device), picked)
+    return totals.cpu().tolist()
 
 
 def _visual(visual: Any, image_size: int, pad_to_square: bool = False, pad_color: list[int] | None = None) -> torch.Tensor:

@@ -258,6 +258,31 @@ def test_rank_answers_sharing_the_prompt_scores_as_whole_rows_with_fewer_tokens(
     assert sum(tokens) < whole_tokens / 2
 
 
+def test_rank_answers_grouped_candidates_score_as_per_row_cache_copies(tiny_llava, monkeypatch):
+    import mllm.scoring as scoring
+
+    model, tokenizer, path = tiny_llava
+    items = ToySource(seed=1000, num_images=6, stage="finetune", features=path, max_objects=1).eval_items()
+    assert scoring._groups_suffixes(model)  # the toy LM's sdpa attention takes the 4D mask
+    batches = []
+    lm_forward = model.lm.forward
+
+    def counted(*args, **kwargs):
+        batches.append(int(kwargs["inputs_embeds"].shape[0]))
+        return lm_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.lm, "forward", counted)
+    grouped, grouped_scores = rank_answers(model, tokenizer, items, batch_size=7, return_scores=True)
+    grouped_batches, batches[:] = list(batches), []
+    monkeypatch.setattr(scoring, "_groups_suffixes", lambda model: False)  # what a flash-attention LM takes
+    copied, copied_scores = rank_answers(model, tokenizer, items, batch_size=7, return_scores=True)
+    assert grouped == copied
+    np.testing.assert_allclose(np.concatenate(grouped_scores), np.concatenate(copied_scores), atol=1e-4)
+    # the candidates' pass: one sequence per question, not one per (question, candidate) row
+    assert grouped_batches[1::2] == grouped_batches[0::2] and batches[1::2] != batches[0::2]
+    assert sum(grouped_batches) == 2 * len(items) < sum(batches)
+
+
 def test_rank_answers_honours_the_tokenizers_padding_side_and_pad_token(tiny_llava, monkeypatch):
     import copy
 

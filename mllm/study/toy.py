@@ -16,7 +16,6 @@ with a record.json is finished and reused), questions.json, probes.json, records
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import json
 import time
@@ -188,6 +187,14 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
                 probes[name].append(probe_variant(paths, study, budget, objects))
                 phases["probes"] += time.time() - moment
 
+            def finished(future) -> None:
+                if future.exception() is None:
+                    record = future.result()
+                    progress.update(1)
+                    tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
+                               + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok"
+                                  else f" {record['error']}"))
+
             def start_runs(variant: Variant) -> None:
                 """Features (and probes) of the variant's seeds, then its runs into the queue."""
                 for seed in seeds:
@@ -199,6 +206,7 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
                     future = pool.submit(run_variant, variant, seed, paths, study, budget, out_dir, force,
                                          features.tower_config(variant, seed))
                     pending[future] = runs.index((variant, seed))
+                    future.add_done_callback(finished)  # progress as runs end (now, for a run done in this process)
 
             for variant in (v for v in variants if v.name not in waiting):
                 start_runs(variant)
@@ -223,11 +231,8 @@ def toy_study(study: Study, budget: Budget, out_dir: Path, variants: list[Varian
             distill_info = {name: dict(sorted(by_seed.items())) for name, by_seed in distill_info.items()}
             for variant in (v for v in variants if v.name in waiting):
                 start_runs(variant)
-            for future in concurrent.futures.as_completed(pending):
-                record = records[pending[future]] = future.result()
-                progress.update(1)
-                tqdm.write(f"[study] {record['variant']} seed {record['seed']}: {record['status']}"
-                           + (f" accuracy={record['accuracy']:.3f}" if record["status"] == "ok" else f" {record['error']}"))
+            for future, index in pending.items():
+                records[index] = future.result()
             progress.close()
         finally:
             torch.set_num_threads(threads)
