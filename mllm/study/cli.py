@@ -1,6 +1,6 @@
 """Run the baseline study: LLaVA with each single encoder, the ensembles and the distilled student.
 
-    unitower study                          # toy study, 3 seeds (31 to 35 min on 2 CPU cores: README, Results)
+    unitower study                          # toy study, 3 seeds (31 to 32 min on 2 CPU cores: README, Results)
     unitower study --smoke                  # 1 seed, few steps (CI)
     unitower study --config configs/study/llava15.yaml --out runs/study_llava15
     unitower study --only clip student --seeds 1 --force
