@@ -168,18 +168,22 @@ class VisionTower(nn.Module):
 
 
 def encoder_maps(encoder: Encoder, images: torch.Tensor, layers: list[int] | None) -> list[torch.Tensor]:
-    """The encoder's dense maps [B, C, h, w] at `layers` (None: at its own `layer`), one forward per layer."""
+    """The encoder's dense maps [B, C, h, w] at `layers` (None: at its own `layer`): from one forward where the
+    encoder has `dense_layers` (open_clip and timm read several blocks at once), else one forward per layer."""
     if layers is None:
         return [encoder(images).dense]
-    if not hasattr(encoder, "layer"):
+    if hasattr(encoder, "dense_layers") and len(layers) > 1:
+        maps = encoder.dense_layers(images, list(layers))
+    elif not hasattr(encoder, "layer"):
         raise ValueError(f"{type(encoder).__name__} has no `layer` setting, so a fusion cannot ask it for layers {layers}.")
-    own, maps = encoder.layer, []
-    try:
-        for layer in layers:
-            encoder.layer = layer  # the encoder reads `layer` at every forward (forward_intermediates indices)
-            maps.append(encoder(images).dense)
-    finally:
-        encoder.layer = own
+    else:
+        own, maps = encoder.layer, []
+        try:
+            for layer in layers:
+                encoder.layer = layer  # the encoder reads `layer` at every forward (forward_intermediates indices)
+                maps.append(encoder(images).dense)
+        finally:
+            encoder.layer = own
     if len({m.shape[1] for m in maps}) > 1:
         raise ValueError(f"{type(encoder).__name__}: layers {layers} give different widths {[m.shape[1] for m in maps]}; "
                          "choose blocks of one width (e.g. not SAM's neck, layer -1, beside its blocks).")

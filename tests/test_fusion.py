@@ -15,7 +15,7 @@ from mllm.fusion import (ChannelFusion, ExpertMLPFusion, MultiLayerFusion, Resam
                          build_fusion)
 from mllm.loading import load_tokenizer
 from mllm.module import LlavaModule
-from mllm.towers import EnsembleTower, SingleEncoderTower
+from mllm.towers import EnsembleTower, SingleEncoderTower, encoder_maps
 from tiny_llava import tiny_llava_records, write_llava_json, write_tiny_lm
 from tiny_teachers import write_open_clip_dir, write_timm_dir
 
@@ -115,6 +115,35 @@ def test_multilayer_tower_reads_each_chosen_layer(setup):
     assert torch.allclose(vit_layers[:, 1], SingleEncoderTower(vit, grid=2).features(IMAGES)[0][:, 0], atol=1e-6)
     assert tower(IMAGES).shape == (3, 4, vit.dense_dim + clip.dense_dim)
 
+
+
+def _patch_embed(encoder):
+    return encoder.model.patch_embed if isinstance(encoder, TimmEncoder) else encoder.visual.conv1
+
+
+@torch.inference_mode()
+def test_dense_layers_read_every_layer_from_one_forward_with_the_per_layer_values(setup):
+    for encoder in encoders(setup):
+        encoder.eval()
+        layers = [-1, 0, -2, 0]  # the final (normed) output, a repeat, out of block order
+        expected = []
+        for layer in layers:
+            encoder.layer = layer
+            expected.append(encoder(IMAGES).dense)
+        encoder.layer = -2
+        calls = []
+        hook = _patch_embed(encoder).register_forward_hook(lambda *args: calls.append(1))
+        try:
+            got = encoder_maps(encoder, IMAGES, layers)
+        finally:
+            hook.remove()
+        assert len(calls) == 1, type(encoder).__name__  # one forward, not one per layer
+        assert encoder.layer == -2
+        for layer, g, e in zip(layers, got, expected):
+            assert g.shape == e.shape and torch.allclose(g, e, atol=1e-6, rtol=0), (type(encoder).__name__, layer)
+        assert not torch.allclose(got[0], got[2])  # the final norm is applied to -1 only
+        with pytest.raises(ValueError, match="layer=7 is outside"):
+            encoder.dense_layers(IMAGES, [0, 7])
 
 def test_a_training_step_moves_the_fusion_and_leaves_frozen_encoders_alone(setup):
     torch.manual_seed(0)

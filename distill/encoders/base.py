@@ -77,3 +77,17 @@ def check_images(images: torch.Tensor, who: str) -> None:
             f"{who} expects float images of shape [B, 3, H, W] in [0, 1]; got "
             f"{tuple(images.shape)} {images.dtype}. Convert with torchvision.transforms.functional.to_tensor."
         )
+
+
+def block_indices(layers: list[int], num_blocks: int, who: str) -> list[int]:
+    """The distinct blocks (ascending, non-negative) that `layers` (python indices, -1 = last) name, for an
+    encoder of `num_blocks` blocks; ValueError naming the layer when one is outside them."""
+    for layer in layers:
+        if not -num_blocks <= layer < num_blocks:
+            raise ValueError(f"{who}: layer={layer} is outside its {num_blocks} blocks.")
+    return sorted({layer % num_blocks for layer in layers})
+
+
+def channels_last(norm: nn.Module, maps: torch.Tensor) -> torch.Tensor:
+    """`norm` (a per-token norm such as LayerNorm) applied over the channels of dense maps [B, C, h, w]."""
+    return norm(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
