@@ -116,7 +116,6 @@ def test_multilayer_tower_reads_each_chosen_layer(setup):
     assert tower(IMAGES).shape == (3, 4, vit.dense_dim + clip.dense_dim)
 
 
-
 def _patch_embed(encoder):
     return encoder.model.patch_embed if isinstance(encoder, TimmEncoder) else encoder.visual.conv1
 
@@ -144,6 +143,7 @@ def test_dense_layers_read_every_layer_from_one_forward_with_the_per_layer_value
         assert not torch.allclose(got[0], got[2])  # the final norm is applied to -1 only
         with pytest.raises(ValueError, match="layer=7 is outside"):
             encoder.dense_layers(IMAGES, [0, 7])
+
 
 def test_a_training_step_moves_the_fusion_and_leaves_frozen_encoders_alone(setup):
     torch.manual_seed(0)

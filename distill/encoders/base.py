@@ -79,15 +79,16 @@ def check_images(images: torch.Tensor, who: str) -> None:
         )
 
 
-def block_indices(layers: list[int], num_blocks: int, who: str) -> list[int]:
-    """The distinct blocks (ascending, non-negative) that `layers` (python indices, -1 = last) name, for an
-    encoder of `num_blocks` blocks; ValueError naming the layer when one is outside them."""
+def maps_at_layers(layers: list[int], num_blocks: int, who: str, run_blocks, final_norm: nn.Module) -> list[torch.Tensor]:
+    """Dense maps [B, C, h, w] at each of `layers` (python block indices; -1 = the last block's tokens after
+    `final_norm`, any other block without it) from ONE pass: `run_blocks(blocks)` returns the raw maps of the
+    distinct blocks asked for, ascending (a library's `forward_intermediates`). ValueError (from `who`) naming a layer
+    outside the `num_blocks` blocks."""
     for layer in layers:
         if not -num_blocks <= layer < num_blocks:
             raise ValueError(f"{who}: layer={layer} is outside its {num_blocks} blocks.")
-    return sorted({layer % num_blocks for layer in layers})
-
-
-def channels_last(norm: nn.Module, maps: torch.Tensor) -> torch.Tensor:
-    """`norm` (a per-token norm such as LayerNorm) applied over the channels of dense maps [B, C, h, w]."""
-    return norm(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+    blocks = sorted({layer % num_blocks for layer in layers})
+    maps = dict(zip(blocks, run_blocks(blocks)))
+    last = maps.get(num_blocks - 1)
+    return [final_norm(last.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous() if layer == -1
+            else maps[layer % num_blocks] for layer in layers]

@@ -29,7 +29,7 @@ from open_clip.factory import parse_model_name
 from open_clip.transformer import QuickGELU
 
 from distill.encoders import resize as R
-from distill.encoders.base import Encoder, EncoderOutput, block_indices, channels_last, check_images
+from distill.encoders.base import Encoder, EncoderOutput, check_images, maps_at_layers
 from distill.encoders.mha_layout import use_seq_first_layout
 from distill.encoders.paths import require_dir
 from distill.common.io import load_weights, save_json, save_safetensors, weight_keys
@@ -136,19 +136,18 @@ class OpenClipEncoder(Encoder):
         has_cls = prefix is not None and prefix[0].shape[1] > 0 and _has_class_token(self.visual)
         return EncoderOutput(summary=prefix[0][:, 0] if has_cls else None, dense=dense)
 
-
     def dense_layers(self, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
         """Dense maps [B, C, h, w] at each of `layers` as `layer` reads them (-1 = the final patch tokens after
         ln_post, any other block without it), from ONE forward: the values of one forward per layer."""
         check_images(images, type(self).__name__)
-        num_blocks = _num_blocks(self.visual)
-        blocks = block_indices(layers, num_blocks, f"OpenClipEncoder('{self.model_name}')")
-        out = self.visual.forward_intermediates(
-            self.preprocess(images), indices=blocks, stop_early=True, normalize_intermediates=False,
-            intermediates_only=True, output_fmt="NCHW")
-        maps = dict(zip(blocks, out["image_intermediates"]))  # returned in block order
-        return [channels_last(self.visual.ln_post, maps[num_blocks - 1]) if layer == -1 else maps[layer % num_blocks]
-                for layer in layers]
+        pixels = self.preprocess(images)
+        return maps_at_layers(
+            layers, _num_blocks(self.visual), f"OpenClipEncoder('{self.model_name}')",
+            lambda blocks: self.visual.forward_intermediates(
+                pixels, indices=blocks, stop_early=True, normalize_intermediates=False, intermediates_only=True,
+                output_fmt="NCHW")["image_intermediates"],
+            self.visual.ln_post)
+
 
 def _num_blocks(visual: torch.nn.Module) -> int:
     if hasattr(visual, "transformer"):

@@ -22,7 +22,7 @@ import torch
 from timm.data import resolve_data_config
 
 from distill.encoders import resize as R
-from distill.encoders.base import Encoder, EncoderOutput, block_indices, channels_last, check_images
+from distill.encoders.base import Encoder, EncoderOutput, check_images, maps_at_layers
 from distill.encoders.paths import require_dir
 from distill.common.io import load_weights
 from distill.common.names import resolve_model_name, resolve_path
@@ -109,19 +109,17 @@ class TimmEncoder(Encoder):
         summary = prefix[:, 0] if self.has_class_token else None  # the class token comes first in timm ViTs
         return EncoderOutput(summary=summary, dense=dense)
 
-
     def dense_layers(self, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
         """Dense maps [B, C, h, w] at each of `layers` as `layer` reads them (-1 = tokens after the final norm,
         any other block without it), from ONE forward: the values of one forward per layer."""
         check_images(images, type(self).__name__)
-        num_blocks = len(self.model.blocks)
-        blocks = block_indices(layers, num_blocks, f"TimmEncoder('{self.model_name}')")
-        out = self.model.forward_intermediates(
-            self.preprocess(images), indices=blocks, norm=False, stop_early=True, output_fmt="NCHW",
-            intermediates_only=True)
-        maps = dict(zip(blocks, out))  # returned in block order
-        return [channels_last(self.model.norm, maps[num_blocks - 1]) if layer == -1 else maps[layer % num_blocks]
-                for layer in layers]
+        pixels = self.preprocess(images)
+        return maps_at_layers(
+            layers, len(self.model.blocks), f"TimmEncoder('{self.model_name}')",
+            lambda blocks: self.model.forward_intermediates(
+                pixels, indices=blocks, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True),
+            self.model.norm)
+
 
 def _create_timm(model_name: str, checkpoint: str | None, pretrained: bool, image_size: int | None) -> torch.nn.Module:
     """timm.create_model with errors that say which name / file is wrong and what to do."""
